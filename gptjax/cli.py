@@ -1,0 +1,130 @@
+"""The ``gptjax`` command line: parse, build a config, call the library. Nothing more.
+
+Every user error becomes one line on stderr and exit code 2 (``--debug`` shows the
+traceback). Each subcommand is a ``_cmd_*`` function registered in ``_build_parser``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from gptjax.errors import GptjaxError
+
+
+def _print_table(rows: list[tuple[str, Any]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:g}"
+
+
+# --------------------------------------------------------------------------------------
+# Subcommands
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from gptjax.config import info, load_config
+
+    result = info(load_config(args.config, args.overrides))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    _print_table(
+        [
+            ("config", result["name"]),
+            ("parameters", f"{result['params']:,}"),
+            ("non-embedding parameters", f"{result['non_embedding_params']:,}"),
+            ("training FLOPs / token", f"{_human(result['flops_per_token'])} (6N + 6·L·T·D, T={result['seq_len']})"),
+            ("params, fp32", f"{result['param_bytes_fp32'] / 2**20:,.1f} MiB"),
+            ("AdamW state, fp32", f"{result['adamw_state_bytes_fp32'] / 2**20:,.1f} MiB"),
+        ]
+    )
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from gptjax.config import DataConfig
+    from gptjax.data import prepare
+
+    fields = {"source": args.data, "tokenizer": args.tokenizer}
+    if args.cache_dir:
+        fields["cache_dir"] = args.cache_dir
+    stats = prepare(DataConfig(**fields))
+    if args.json:
+        print(json.dumps(stats, indent=2))
+    else:
+        _print_table([(k, v) for k, v in stats.items() if not isinstance(v, dict)])
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from gptjax.config import load_config
+    from gptjax.train import train
+
+    overrides = list(args.overrides)
+    if args.run_dir:
+        overrides.append(f"train.run_dir={args.run_dir}")
+    train(load_config(args.config, overrides))
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gptjax", description="GPT language models in JAX.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="parameter count, FLOPs and memory of a config")
+    p.add_argument("config", help="a preset (gpt2, quickstart, ...) or a .py config file")
+    p.add_argument("overrides", nargs="*", help="section.field=value")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("prepare", help="build the token store of a data source")
+    p.add_argument("--data", default="stdlib", help="stdlib, a path or glob, tfds:NAME, or a token file")
+    p.add_argument("--tokenizer", default="bytes")
+    p.add_argument("--cache-dir", default="")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("train", help="train a model (no arguments: the quick start)")
+    p.add_argument("config", nargs="?", default=None, help="a preset or a .py config file")
+    p.add_argument("overrides", nargs="*", help="section.field=value")
+    p.add_argument("--run-dir", default="")
+    p.set_defaults(func=_cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    # A config name that looks like an override belongs to the overrides.
+    if getattr(args, "config", None) and "=" in args.config:
+        args.overrides = [args.config, *args.overrides]
+        args.config = None
+    try:
+        return args.func(args)
+    except GptjaxError as e:
+        if args.debug:
+            raise
+        print(f"gptjax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gptjax {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,11 @@
+"""The one exception type users see.
+
+Every error that a user can fix (a bad config value, a missing file, a prompt that is too
+long) is raised as :class:`GptjaxError`. It subclasses ``ValueError`` so that config
+validation reads naturally (``except ValueError``), and the CLI turns it into one line on
+stderr and exit code 2 instead of a traceback.
+"""
+
+
+class GptjaxError(ValueError):
+    """A problem with the user's input that the message explains how to fix."""

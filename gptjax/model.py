@@ -1,0 +1,343 @@
+"""The GPT model in Flax NNX: embeddings, causal attention with a KV-cache path, MLP, head.
+
+Shapes use one set of letters: B batch, T time (query positions), S cache slots (key
+positions), D model width, N heads, H head dim, F MLP width, V vocabulary, L layers.
+
+Every parameter carries a logical ``axes`` tuple (``vocab``, ``embed``, ``heads``,
+``mlp``, ``layers``...) that :mod:`gptjax.sharding` maps onto mesh axes. Block parameters
+are always stacked over a leading ``layers`` axis; ``scan_layers`` only decides whether
+the forward pass runs them with ``lax.scan`` or an unrolled Python loop, so one checkpoint
+serves both.
+
+Randomness is explicit: dropout is active exactly when a ``dropout_key`` is passed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gptjax.config import ModelConfig
+from gptjax.errors import GptjaxError
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for a batch of left-padded sequences.
+
+    Attributes:
+        k: (L, B, S, N, H) keys, in the compute dtype.
+        v: (L, B, S, N, H) values.
+        start: (B,) the first real (non-padding) slot of each row; its position is 0.
+        index: () the slot the next token is written to.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    start: jax.Array
+    index: jax.Array
+
+
+def _param(key: jax.Array, shape: tuple[int, ...], std: float, dtype, axes: tuple) -> nnx.Param:
+    return nnx.Param(std * jax.random.normal(key, shape, dtype), axes=axes)
+
+
+def _zeros(shape: tuple[int, ...], dtype, axes: tuple) -> nnx.Param:
+    return nnx.Param(jnp.zeros(shape, dtype), axes=axes)
+
+
+def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, cfg: ModelConfig):
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.eps = cfg.layer_norm_epsilon
+        self.scale = nnx.Param(jnp.ones((cfg.n_embd,), pdt), axes=("embed",))
+        self.bias = _zeros((cfg.n_embd,), pdt, ("embed",)) if cfg.bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # Statistics in float32 whatever the compute dtype.
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
+    """Rotary embedding (GPT-NeoX half-split layout) of x (B, T, N, H) at positions (B, T)."""
+    half = x.shape[-1] // 2
+    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # (H/2,)
+    angles = positions[..., None].astype(jnp.float32) * freqs  # (B, T, H/2)
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+def attention_implementation(cfg: ModelConfig) -> str:
+    """``xla`` or ``cudnn``: what ``cfg.attention`` resolves to on the current backend."""
+    if cfg.attention != "auto":
+        return cfg.attention
+    on_gpu = jax.default_backend() == "gpu"
+    return "cudnn" if on_gpu and cfg.dtype in ("bfloat16", "float16") else "xla"
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, key: jax.Array):
+        d, n, h = cfg.n_embd, cfg.n_head, cfg.head_dim
+        pdt = jnp.dtype(cfg.param_dtype)
+        k_attn, k_proj = jax.random.split(key)
+        self.cfg = cfg
+        # Fused QKV; (D, 3, N, H) is HF GPT-2's (D, 3D) c_attn kernel, reshaped.
+        self.c_attn = _param(k_attn, (d, 3, n, h), 0.02, pdt, ("embed", None, "heads", "head_dim"))
+        self.c_attn_bias = _zeros((3, n, h), pdt, (None, "heads", "head_dim")) if cfg.bias else None
+        std_proj = 0.02 / math.sqrt(2 * cfg.n_layer)  # GPT-2's scaled residual init
+        self.c_proj = _param(k_proj, (n, h, d), std_proj, pdt, ("heads", "head_dim", "embed"))
+        self.c_proj_bias = _zeros((d,), pdt, ("embed",)) if cfg.bias else None
+
+    def qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        w = self.c_attn[...].astype(x.dtype)
+        qkv = jnp.einsum("BTD,DSNH->BTSNH", x, w)
+        if self.c_attn_bias is not None:
+            qkv = qkv + self.c_attn_bias[...].astype(x.dtype)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, N, H)
+        if self.cfg.position == "rope":
+            q, k = rope(q, positions), rope(k, positions)
+        return q, k, v
+
+    def project(self, y: jax.Array) -> jax.Array:
+        out = jnp.einsum("BTNH,NHD->BTD", y, self.c_proj[...].astype(y.dtype))
+        if self.c_proj_bias is not None:
+            out = out + self.c_proj_bias[...].astype(y.dtype)
+        return out
+
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        dropout_key: jax.Array | None,
+        cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
+    ):
+        """Causal self-attention.
+
+        Without a cache: full causal attention over x (B, T, D). With ``cache = (k, v,
+        index, mask)``: write this step's keys/values at ``index`` into k/v (B, S, N, H)
+        and attend under ``mask`` (B, 1, T, S); returns the updated k and v too.
+        """
+        q, k, v = self.qkv(x, positions)
+        if cache is None:
+            y = self._attend(q, k, v, mask=None, dropout_key=dropout_key)
+            return self.project(y), None
+        k_cache, v_cache, index, mask = cache
+        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, 1)
+        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, 1)
+        y = self._attend(q, k_cache, v_cache, mask=mask, dropout_key=None)
+        return self.project(y), (k_cache, v_cache)
+
+    def _attend(self, q, k, v, *, mask, dropout_key):
+        cfg = self.cfg
+        if dropout_key is not None and cfg.attn_dropout > 0:
+            # Dropout on probabilities needs them materialised: the plain XLA formulation.
+            scores = jnp.einsum("BTNH,BSNH->BNTS", q, k).astype(jnp.float32) / math.sqrt(cfg.head_dim)
+            t, s = q.shape[1], k.shape[1]
+            causal = jnp.tril(jnp.ones((t, s), bool), s - t)
+            scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+            probs = _dropout(jax.nn.softmax(scores, -1), cfg.attn_dropout, dropout_key)
+            return jnp.einsum("BNTS,BSNH->BTNH", probs.astype(v.dtype), v)
+        if mask is not None:
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=attention_implementation(cfg))
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, key: jax.Array):
+        d, f = cfg.n_embd, cfg.mlp_ratio * cfg.n_embd
+        pdt = jnp.dtype(cfg.param_dtype)
+        k_fc, k_proj = jax.random.split(key)
+        self.approximate = cfg.activation == "gelu_tanh"
+        self.c_fc = _param(k_fc, (d, f), 0.02, pdt, ("embed", "mlp"))
+        self.c_fc_bias = _zeros((f,), pdt, ("mlp",)) if cfg.bias else None
+        self.c_proj = _param(k_proj, (f, d), 0.02 / math.sqrt(2 * cfg.n_layer), pdt, ("mlp", "embed"))
+        self.c_proj_bias = _zeros((d,), pdt, ("embed",)) if cfg.bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = jnp.einsum("BTD,DF->BTF", x, self.c_fc[...].astype(x.dtype))
+        if self.c_fc_bias is not None:
+            h = h + self.c_fc_bias[...].astype(x.dtype)
+        h = jax.nn.gelu(h, approximate=self.approximate)
+        out = jnp.einsum("BTF,FD->BTD", h, self.c_proj[...].astype(x.dtype))
+        if self.c_proj_bias is not None:
+            out = out + self.c_proj_bias[...].astype(x.dtype)
+        return out
+
+
+class Block(nnx.Module):
+    """Pre-LN transformer block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
+
+    def __init__(self, cfg: ModelConfig, key: jax.Array):
+        k_attn, k_mlp = jax.random.split(key)
+        self.resid_dropout = cfg.resid_dropout
+        self.ln_1 = LayerNorm(cfg)
+        self.attn = Attention(cfg, k_attn)
+        self.ln_2 = LayerNorm(cfg)
+        self.mlp = MLP(cfg, k_mlp)
+
+    def __call__(self, x, positions, dropout_key, cache=None):
+        k_attn, k_res1, k_res2 = jax.random.split(dropout_key, 3) if dropout_key is not None else (None,) * 3
+        y, new_cache = self.attn(self.ln_1(x), positions, k_attn, cache)
+        x = x + _dropout(y, self.resid_dropout, k_res1)
+        x = x + _dropout(self.mlp(self.ln_2(x)), self.resid_dropout, k_res2)
+        return x, new_cache
+
+
+class GPT(nnx.Module):
+    """A decoder-only GPT. ``GPT(cfg, rngs=nnx.Rngs(seed))`` or ``GPT(cfg, key=key)``."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None = None, key: jax.Array | None = None):
+        if key is None:
+            key = (rngs or nnx.Rngs(0)).params()
+        self.config = cfg
+        pdt = jnp.dtype(cfg.param_dtype)
+        k_wte, k_wpe, k_blocks, k_head = jax.random.split(key, 4)
+        self.wte = _param(k_wte, (cfg.vocab_size, cfg.n_embd), 0.02, pdt, ("vocab", "embed"))
+        self.wpe = (
+            _param(k_wpe, (cfg.block_size, cfg.n_embd), 0.02, pdt, (None, "embed"))
+            if cfg.position == "learned"
+            else None
+        )
+        # One Block whose parameters carry a leading layer axis (vmap over the init).
+        layer_keys = jax.random.split(k_blocks, cfg.n_layer)
+        self.h = nnx.vmap(lambda k: Block(cfg, k), in_axes=0, out_axes=0)(layer_keys)
+        for _, variable in nnx.iter_graph(self.h):
+            if isinstance(variable, nnx.Param):
+                variable.set_metadata("axes", ("layers", *variable.get_metadata()["axes"]))
+        self.ln_f = LayerNorm(cfg)
+        self.lm_head = (
+            None
+            if cfg.tie_embeddings
+            else _param(k_head, (cfg.vocab_size, cfg.n_embd), 0.02, pdt, ("vocab", "embed"))
+        )
+
+    # ----------------------------------------------------------------------------------
+    # Full-sequence forward (training, evaluation)
+
+    def __call__(self, tokens: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
+        """Logits (B, T, V) in float32 for tokens (B, T). Dropout iff ``dropout_key``."""
+        return self.logits(self.hidden(tokens, dropout_key=dropout_key))
+
+    def hidden(self, tokens: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
+        """Final-LayerNorm hidden states (B, T, D) in the compute dtype."""
+        cfg = self.config
+        b, t = tokens.shape
+        if t > cfg.block_size:
+            raise GptjaxError(f"sequence length {t} exceeds the model's block_size ({cfg.block_size})")
+        positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+        if dropout_key is not None:
+            k_embd, k_layers = jax.random.split(dropout_key)
+            layer_keys = jax.random.split(k_layers, cfg.n_layer)
+        else:
+            k_embd, layer_keys = None, None
+        x = _dropout(self.embed(tokens, positions), cfg.embd_dropout, k_embd)
+
+        def layer(x, block, key):
+            return block(x, positions, key)[0]
+
+        if cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat])
+        x = self._over_layers(x, layer, layer_keys)
+        return self.ln_f(x)
+
+    def embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+        dtype = jnp.dtype(self.config.dtype)
+        x = jnp.take(self.wte[...], tokens, axis=0).astype(dtype)  # (B, T, D)
+        if self.wpe is not None:
+            x = x + jnp.take(self.wpe[...], positions, axis=0).astype(dtype)
+        return x
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        head = self.wte if self.lm_head is None else self.lm_head
+        return jnp.einsum("BTD,VD->BTV", x, head[...].astype(x.dtype), preferred_element_type=jnp.float32)
+
+    def _over_layers(self, x, layer, layer_keys):
+        """Apply ``layer(x, block, key)`` for each stacked block, scanned or unrolled."""
+        graphdef, stacked = nnx.split(self.h)
+
+        def body(x, xs):
+            state, key = xs
+            return layer(x, nnx.merge(graphdef, state), key), None
+
+        if self.config.scan_layers:
+            return jax.lax.scan(body, x, (stacked, layer_keys))[0]
+        for i in range(self.config.n_layer):
+            xs = jax.tree.map(lambda a, i=i: a[i], (stacked, layer_keys))
+            x = body(x, xs)[0]
+        return x
+
+    # ----------------------------------------------------------------------------------
+    # Cached decoding
+
+    def init_cache(self, batch_size: int, max_len: int, start: jax.Array | None = None) -> KVCache:
+        """An empty cache of ``max_len`` slots; ``start[b]`` is row b's left padding."""
+        cfg = self.config
+        if max_len > cfg.block_size:
+            raise GptjaxError(f"cache length {max_len} exceeds the model's block_size ({cfg.block_size})")
+        shape = (cfg.n_layer, batch_size, max_len, cfg.n_head, cfg.head_dim)
+        zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
+        start = jnp.zeros((batch_size,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
+        return KVCache(k=zeros, v=zeros, start=start, index=jnp.zeros((), jnp.int32))
+
+    def decode(self, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Run tokens (B, T) at slots ``cache.index ...`` and return logits (B, T, V).
+
+        Prefill is ``decode(prompts, empty_cache)``; each further call with T = 1 advances
+        one token. Row b's position at slot j is ``j - cache.start[b]``; slots before
+        ``start[b]`` are padding that no real query attends to.
+        """
+        b, t = tokens.shape
+        s = cache.k.shape[2]
+        slots = cache.index + jnp.arange(t)  # (T,)
+        positions = jnp.maximum(slots[None, :] - cache.start[:, None], 0)  # (B, T)
+        key_slots = jnp.arange(s)
+        causal = key_slots[None, :] <= slots[:, None]  # (T, S)
+        real = key_slots[None, None, :] >= cache.start[:, None, None]  # (B, 1, S)
+        # A padding query sees itself only, which keeps its softmax finite.
+        mask = (causal[None] & real) | (key_slots[None, None, :] == slots[None, :, None])
+        mask = mask[:, None]  # (B, 1, T, S)
+        x = self.embed(tokens, positions)
+        graphdef, stacked = nnx.split(self.h)
+
+        def body(carry, xs):
+            x, k_all, v_all = carry
+            state, i = xs
+            block = nnx.merge(graphdef, state)
+            x, (k_i, v_i) = block(x, positions, None, (k_all[i], v_all[i], cache.index, mask))
+            return (x, k_all.at[i].set(k_i), v_all.at[i].set(v_i)), None
+
+        carry = (x, cache.k, cache.v)
+        if self.config.scan_layers:
+            carry = jax.lax.scan(body, carry, (stacked, jnp.arange(self.config.n_layer)))[0]
+        else:
+            for i in range(self.config.n_layer):
+                carry = body(carry, (jax.tree.map(lambda a, i=i: a[i], stacked), i))[0]
+        x, k_all, v_all = carry
+        logits = self.logits(self.ln_f(x))
+        return logits, KVCache(k=k_all, v=v_all, start=cache.start, index=cache.index + t)
+
+
+def count_params(model: GPT) -> int:
+    return sum(int(p.size) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
