@@ -120,6 +120,8 @@ class DataConfig:
         train_split: The source's training split name (TFDS).
         val_split: The source's validation split name (TFDS); empty to split by document.
         cache_dir: Where token stores are written; empty means ``~/.cache/gptjax``.
+        tfds_data_dir: TFDS's data_dir (empty: TFDS's own default, ``TFDS_DATA_DIR``).
+        tfds_manual_dir: TFDS's manual_dir, for datasets built from local files offline.
         prefetch: Batches prepared ahead of the train step by a background thread.
     """
 
@@ -130,6 +132,8 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "validation"
     cache_dir: str = ""
+    tfds_data_dir: str = ""
+    tfds_manual_dir: str = ""
     prefetch: int = 2
 
     def __post_init__(self) -> None:
