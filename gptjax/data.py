@@ -17,9 +17,9 @@ the end-of-text token) and ``meta.json``. The key hashes the source's identity (
 and mtimes), the tokenizer and the split settings, so a changed input gets a new store. A
 store is written under a temporary name and renamed into place when complete: a crash leaves
 only a ``.tmp-*`` folder that is never read, and of two concurrent writers the second
-discards its copy. Without a validation split of its own, every ``round(1/val_fraction)``-th
-document (exactly ``floor(n * val_fraction)`` of n) is held out; with fewer documents than
-that, the last ``val_fraction`` of the tokens is.
+discards its copy. A source without a validation split of its own has evenly spaced documents
+held out, exactly ``floor(n * val_fraction)`` of its n; with fewer than ``1 / val_fraction``
+documents, the last ``val_fraction`` of its tokens instead.
 
 *Training windows* are ``seq_len + 1`` tokens starting at ``offset_e + k * seq_len``: epoch
 e visits every k once, in a permutation drawn (with its offset ``offset_e < seq_len``) from
@@ -312,8 +312,6 @@ def _tokenize(
             if chunks[split]:
                 submit(split)
         write_ready(0)
-        for split, future, n_docs, n_bytes in pending:
-            writers[split].write(future.result(), n_docs, n_bytes)
     return content.hexdigest()
 
 

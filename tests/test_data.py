@@ -84,7 +84,8 @@ def test_every_window_start_appears_once_per_epoch():
         assert 0 <= offset < seq_len
         assert np.array_equal(np.sort(starts), offset + seq_len * np.arange(n))
         assert np.array_equal(starts, batches.epoch_starts(epoch))
-    assert len(offsets) > 1 or batches.epoch_starts(0)[:5].tolist() != batches.epoch_starts(1)[:5].tolist()
+    assert len(offsets) > 1  # Epochs shift the window grid, not only reorder it.
+    assert not np.array_equal(batches.epoch_starts(0), batches.epoch_starts(1))
 
 
 @pytest.mark.parametrize("n_tokens", [17, 25, 40])
@@ -281,7 +282,7 @@ def test_pretokenized_files_in_nanogpt_layout(tmp_path: Path):
 def test_stdlib_corpus_needs_nothing_from_shared(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
     files = data._stdlib_files()
-    assert files == sorted(files, key=lambda p: (str(p.parent), p.name)) or len(files) > 100
+    assert files == sorted(files) and len(files) > 100
     assert not any({"test", "tests", "idle_test", "site-packages"} & set(p.parts) for p in files)
     ds = load_dataset(DataConfig(), seq_len=128, vocab_size=257)
     assert ds.meta["tokens"]["train"] > 5_000_000 and ds.meta["tokens"]["val"] > 128
