@@ -418,14 +418,14 @@ def _build(cfg: DataConfig, tokenizer: Tokenizer, folder: Path, build: Any) -> d
         raise GptjaxError(
             f"data source {cfg.source!r} holds no text: point data.source at a non-empty corpus"
         )
-    if kind == "tokens":
-        val_from = "file" if stats["val"]["tokens"] else "tail"
-    elif kind == "tfds" and documents["val"] is not None:
-        val_from = f"split {cfg.val_split!r}"
-    else:
-        val_from = "documents" if stats["val"]["tokens"] else "tail"
-    if val_from == "tail" and cfg.val_fraction > 0:
+    if stats["val"]["tokens"]:
+        own_split = kind == "tfds" and documents["val"] is not None
+        val_from = "file" if kind == "tokens" else f"split {cfg.val_split!r}" if own_split else "documents"
+    elif cfg.val_fraction > 0:
         _hold_out_tail(writers, tokenizer, cfg.val_fraction)
+        val_from = "tail"
+    else:
+        val_from = "none"
     return {
         "format": STORE_FORMAT,
         "source": cfg.source,

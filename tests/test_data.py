@@ -1,5 +1,6 @@
 """The data pipeline: token stores from every source kind, (seed, step) batches, the eval pass."""
 
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -40,32 +41,28 @@ def _stores(cache: Path) -> list[str]:
 # --------------------------------------------------------------------------------------
 # Batches as a function of (seed, step)
 
-_BATCH_DIGEST = """
-import hashlib, sys
+_BATCH_DIGESTS = """
+import hashlib
 import numpy as np
 from gptjax.data import TrainBatches
 tokens = (np.arange(5000, dtype=np.uint32) * 7919) % 257
-batches = TrainBatches(tokens, seq_len=16, global_batch=12, seed=int(sys.argv[1]))
-digest = hashlib.sha256()
-for step in (0, 1, 2, 30, 1000):
-    digest.update(batches.batch(step).tobytes())
-print(digest.hexdigest())
+for seed in (0, 1):
+    batches = TrainBatches(tokens, seq_len=16, global_batch=12, seed=seed)
+    print(hashlib.sha256(b"".join(batches.batch(s).tobytes() for s in (0, 1, 2, 30, 1000))).hexdigest())
 """
 
 
-def _digest_in_fresh_process(seed: int, hash_seed: str) -> str:
+def _digests_in_fresh_process(hash_seed: str) -> list[str]:
     env = {**os.environ, "PYTHONHASHSEED": hash_seed}
-    run = subprocess.run(
-        [sys.executable, "-c", _BATCH_DIGEST, str(seed)], env=env, capture_output=True, text=True
-    )
+    run = subprocess.run([sys.executable, "-c", _BATCH_DIGESTS], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    return run.stdout.strip()
+    return run.stdout.split()
 
 
 def test_batches_are_a_function_of_seed_and_step_across_processes():
-    first = _digest_in_fresh_process(0, "1")
-    assert _digest_in_fresh_process(0, "2") == first
-    assert _digest_in_fresh_process(1, "1") != first
+    first, second = _digests_in_fresh_process("1"), _digests_in_fresh_process("2")
+    assert first == second and len(first) == 2
+    assert first[0] != first[1]  # Seeds 0 and 1 differ.
 
 
 def test_every_window_start_appears_once_per_epoch():
@@ -305,6 +302,16 @@ def test_tfds_tiny_shakespeare_offline(tmp_path: Path, shared_dir: Path):
     assert len(ds.train) == 1_003_855 and len(ds.val) == 55_771
     assert bytes(ds.train[:9].astype(np.uint8)) == b"First Cit"
     assert not prepare(cfg)["built"]
+    # Without the source's validation split: held out by document, here the tail of one.
+    own_split_ignored = prepare(dataclasses.replace(cfg, val_split="", val_fraction=0.01))
+    assert own_split_ignored["val_from"] == "tail" and own_split_ignored["val_tokens"] == 10_038
+
+
+def test_no_validation_split_when_val_fraction_is_zero(tmp_path: Path):
+    cfg = DataConfig(source=str(_corpus(tmp_path / "corpus")), val_fraction=0.0)
+    ds = load_dataset(cfg, seq_len=16, vocab_size=257)
+    assert ds.meta["val_from"] == "none" and len(ds.val) == 0 and ds.meta["documents"]["train"] == 40
+    assert list(eval_batches(ds.val, seq_len=16, batch_size=4)) == []
 
 
 def test_cli_prepare_prints_json(tmp_path: Path, capsys: pytest.CaptureFixture):
