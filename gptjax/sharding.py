@@ -1,0 +1,119 @@
+"""Device meshes and logical-axis rules: every mesh and PartitionSpec decision lives here.
+
+The model names each parameter axis logically (``vocab``, ``embed``, ``heads``, ``mlp``,
+``layers``...). :data:`RULES` maps logical names to mesh axes:
+
+* data parallel: nothing maps to ``data``, so parameters are replicated over it;
+* FSDP: ``embed`` maps to ``fsdp``, so every matrix (and its AdamW moments) is split
+  along its model dimension over the ``fsdp`` devices;
+* tensor parallel (Megatron): ``heads`` and ``mlp`` map to ``tensor``: QKV and the first
+  MLP matmul are split by output, the projections by input, so each block needs one
+  all-reduce per sublayer. The vocabulary is split over ``tensor`` too.
+
+The batch is split over (``data``, ``fsdp``). A dimension that a mesh axis does not
+divide is left unsplit on that axis rather than padded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from gptjax.config import MeshConfig
+from gptjax.errors import GptjaxError
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+RULES: dict[str | None, str | None] = {
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "mlp": "tensor",
+    "head_dim": None,
+    "layers": None,
+    None: None,
+}
+
+
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
+    """Resolve -1 to "the rest of the devices" and check the product is the device count."""
+    sizes = {"data": cfg.data, "fsdp": cfg.fsdp, "tensor": cfg.tensor}
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    for name, value in sizes.items():
+        if value == -1:
+            if n_devices % fixed:
+                raise GptjaxError(
+                    f"mesh: {n_devices} devices cannot be split into {fixed} x the rest "
+                    f"(mesh.{name}=-1 needs the other axes' product to divide the device count)"
+                )
+            sizes[name] = n_devices // fixed
+    if math.prod(sizes.values()) != n_devices:
+        raise GptjaxError(
+            f"mesh data x fsdp x tensor = {sizes['data']} x {sizes['fsdp']} x {sizes['tensor']} = "
+            f"{math.prod(sizes.values())} but there are {n_devices} devices; set one axis to -1"
+        )
+    return sizes
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ``data x fsdp x tensor`` mesh over ``devices`` (default: all, on every host)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = mesh_shape(cfg, len(devices))
+    shape = tuple(sizes[a] for a in AXES)
+    # Auto axes: shardings are given at jit boundaries and XLA's partitioner propagates
+    # them through the step (rather than JAX's explicit sharding-in-types mode).
+    axis_types = (AxisType.Auto,) * len(AXES)
+    if devices == list(jax.devices()):
+        # Topology-aware ordering on real hardware (ICI/NVLink neighbours on inner axes).
+        return jax.make_mesh(shape, AXES, devices=devices, axis_types=axis_types)
+    return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=axis_types)
+
+
+def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """The PartitionSpec of an array whose dimensions have logical names ``axes``."""
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {axes} do not match shape {shape}")
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(axes, shape, strict=True):
+        mesh_axis = RULES.get(name)
+        if mesh_axis is None or mesh_axis in used or dim % mesh.shape[mesh_axis] or mesh.shape[mesh_axis] == 1:
+            spec.append(None)
+        else:
+            spec.append(mesh_axis)
+            used.add(mesh_axis)
+    return PartitionSpec(*spec)
+
+
+def param_shardings(abstract_params: nnx.State, mesh: Mesh) -> nnx.State:
+    """A tree like ``abstract_params`` whose leaves are the NamedShardings of each Param."""
+
+    def one(variable):
+        spec = spec_for(variable.get_metadata()["axes"], variable.shape, mesh)
+        return variable.replace(NamedSharding(mesh, spec))
+
+    return jax.tree.map(one, abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Batch dimension split over (data, fsdp); the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def global_batch(local_batch: np.ndarray, mesh: Mesh) -> jax.Array:
+    """Assemble this process's rows into the global, batch-sharded array."""
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, local_batch.ndim), local_batch)
