@@ -1,11 +1,13 @@
 """Checkpoints: every orbax call in gptjax lives in this file.
 
-A checkpoint is one orbax step directory holding two items:
+A checkpoint is one orbax step directory holding up to three items:
 
-* ``state``: the train state (params, optimizer state, step, base key) as a nested dict
-  of arrays keyed by the pytree's own path names, restored straight into whatever
-  shardings the caller asks for (so a run saved on 8 devices resumes on 4);
-* ``meta``: JSON with the resolved config, the step and the metrics at save time.
+* ``params``: the model parameters, as a nested dict of arrays keyed by the pytree's own
+  path names (``h/attn/c_attn/value``), restored straight into whatever shardings the
+  caller asks for (so a run saved on 8 devices resumes on 4);
+* ``train``: everything else that decides the run's future: optimizer state, step and
+  the base key (absent in a checkpoint written by ``import-hf``, which holds weights only);
+* ``meta``: JSON with the resolved config, the tokenizer and the step.
 
 Saves are asynchronous; orbax writes into a temporary directory and renames it when
 complete, so an interrupted save is never mistaken for a checkpoint. The last
@@ -64,24 +66,31 @@ def _val_loss(metrics: Any) -> float:
 class Checkpointer:
     """Saves and restores train states under ``directory`` (one orbax CheckpointManager)."""
 
-    def __init__(self, directory: str | Path, *, keep: int = 2, async_save: bool = True):
+    def __init__(
+        self, directory: str | Path, *, keep: int = 2, async_save: bool = True, read_only: bool = False
+    ):
         self.directory = Path(directory).absolute()
         preservation = policies.AnyPreservationPolicy(
             [
                 policies.LatestN(n=keep),
-                policies.BestN(get_metric_fn=_val_loss, reverse=False, n=1, keep_checkpoints_without_metrics=False),
+                policies.BestN(
+                    get_metric_fn=_val_loss, reverse=False, n=1, keep_checkpoints_without_metrics=False
+                ),
             ]
         )
         options = ocp.CheckpointManagerOptions(
             preservation_policy=preservation,
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
-            create=True,
+            cleanup_tmp_directories=not read_only,
+            create=not read_only,
+            read_only=read_only,
         )
         try:
             self._manager = ocp.CheckpointManager(self.directory, options=options)
         except OSError as e:
-            raise GptjaxError(f"cannot create checkpoint directory {str(self.directory)!r}: {e.strerror}") from e
+            raise GptjaxError(
+                f"cannot create checkpoint directory {str(self.directory)!r}: {e.strerror}"
+            ) from e
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -90,19 +99,48 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict, metrics: dict | None = None) -> None:
-        """Start an asynchronous save of ``state`` at ``step`` (``wait`` to block)."""
-        args = ocp.args.Composite(state=ocp.args.StandardSave(to_nested(state)), meta=ocp.args.JsonSave(meta))
+        """Start an asynchronous save of a train state at ``step`` (``wait`` to block).
+
+        ``state`` has a ``params`` field; its other fields are saved as the ``train`` item.
+        """
+        rest = {k: v for k, v in state._asdict().items() if k != "params"}
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(to_nested(state.params)),
+            train=ocp.args.StandardSave(to_nested(rest)),
+            meta=ocp.args.JsonSave(meta),
+        )
         self._manager.save(step, args=args, metrics=metrics, force=True)
 
-    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-        """Restore ``step`` into the structure, dtypes and shardings of ``abstract_state``.
+    def save_params(self, step: int, params: Any, meta: dict) -> None:
+        """Save parameters alone (an imported model): loadable, not resumable."""
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(to_nested(params)), meta=ocp.args.JsonSave(meta)
+        )
+        self._manager.save(step, args=args, force=True)
 
-        ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with ``sharding`` set.
+    def restore(self, step: int, abstract_state: Any) -> Any:
+        """Restore a train state into the structure, dtypes and shardings of ``abstract_state``.
+
+        ``abstract_state`` is a NamedTuple with a ``params`` field, whose leaves are
+        ``jax.ShapeDtypeStruct`` with ``sharding`` set.
         """
-        target = to_nested(abstract_state)
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+        rest = {k: v for k, v in abstract_state._asdict().items() if k != "params"}
+        args = ocp.args.Composite(
+            params=ocp.args.StandardRestore(to_nested(abstract_state.params)),
+            train=ocp.args.StandardRestore(to_nested(rest)),
+        )
         restored = self._manager.restore(step, args=args)
-        return from_nested(abstract_state, restored["state"]), dict(restored["meta"])
+        params = from_nested(abstract_state.params, restored["params"])
+        rest = from_nested(rest, restored["train"])
+        return type(abstract_state)(params=params, **rest)
+
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Restore only the parameters (for sampling, evaluation or initialising a new run)."""
+        args = ocp.args.Composite(params=ocp.args.StandardRestore(to_nested(abstract_params)))
+        return from_nested(abstract_params, self._manager.restore(step, args=args)["params"])
+
+    def has_train_state(self, step: int) -> bool:
+        return (self.directory / str(step) / "train").is_dir()
 
     def read_meta(self, step: int) -> dict:
         restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from gptjax.errors import GptjaxError
@@ -43,7 +44,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
             ("config", result["name"]),
             ("parameters", f"{result['params']:,}"),
             ("non-embedding parameters", f"{result['non_embedding_params']:,}"),
-            ("training FLOPs / token", f"{_human(result['flops_per_token'])} (6N + 6·L·T·D, T={result['seq_len']})"),
+            (
+                "training FLOPs / token",
+                f"{_human(result['flops_per_token'])} (6N + 6·L·T·D, T={result['seq_len']})",
+            ),
             ("params, fp32", f"{result['param_bytes_fp32'] / 2**20:,.1f} MiB"),
             ("AdamW state, fp32", f"{result['adamw_state_bytes_fp32'] / 2**20:,.1f} MiB"),
         ]
@@ -77,6 +81,45 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from gptjax.runs import load
+    from gptjax.sample import SamplingParams, generate, stream
+
+    prompts = [args.prompt]
+    if args.prompt_file:
+        try:
+            prompts = [Path(args.prompt_file).read_text(encoding="utf-8")]
+        except (OSError, UnicodeDecodeError) as e:
+            raise GptjaxError(f"cannot read --prompt-file {args.prompt_file!r}: {e}") from e
+    prompts = prompts * args.num_samples
+    params = SamplingParams(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p
+    )
+    model, config, tokenizer = load(args.run_dir)
+    max_new = args.max_new_tokens
+    kwargs = dict(
+        max_new_tokens=max_new, params=params, seed=args.seed, tokenizer=tokenizer, eot_id=tokenizer.eot_id
+    )
+    if args.json:
+        out = generate(model, prompts, **kwargs)
+        rows = [
+            {"prompt": p, "text": t, "tokens": tok, "logprobs": lp, "finish_reason": r}
+            for p, t, tok, lp, r in zip(
+                prompts, out.texts, out.tokens, out.logprobs, out.finish_reasons, strict=True
+            )
+        ]
+        print(json.dumps({"run_dir": args.run_dir, "samples": rows}))
+        return 0
+    for i, prompt in enumerate(prompts):
+        # One row at a time so each sample streams as it is decoded; seeds stay per sample.
+        print(f"--- sample {i} ---", flush=True)
+        print(prompt, end="", flush=True)
+        for chunk in stream(model, [prompt], **{**kwargs, "seed": args.seed + i}):
+            print(chunk.texts[0], end="", flush=True)
+        print(flush=True)
+    return 0
+
+
 # --------------------------------------------------------------------------------------
 
 
@@ -103,6 +146,20 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.field=value")
     p.add_argument("--run-dir", default="")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("sample", help="generate text from a run's latest checkpoint")
+    p.add_argument("run_dir", help="a run directory (or checkpoint) from gptjax train or import-hf")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--prompt-file", default="")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print prompts, texts, tokens and log-probabilities")
+    p.set_defaults(func=_cmd_sample)
     return parser
 
 

@@ -83,7 +83,12 @@ def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> Pa
     spec = []
     for name, dim in zip(axes, shape, strict=True):
         mesh_axis = RULES.get(name)
-        if mesh_axis is None or mesh_axis in used or dim % mesh.shape[mesh_axis] or mesh.shape[mesh_axis] == 1:
+        if (
+            mesh_axis is None
+            or mesh_axis in used
+            or dim % mesh.shape[mesh_axis]
+            or mesh.shape[mesh_axis] == 1
+        ):
             spec.append(None)
         else:
             spec.append(mesh_axis)

@@ -222,7 +222,9 @@ def build(config: Config, mesh: jax.sharding.Mesh | None = None) -> Setup:
 
     def opt_sharding(x):
         if isinstance(x, nnx.Variable):
-            return x.replace(sharding.NamedSharding(mesh, sharding.spec_for(x.get_metadata()["axes"], x.shape, mesh)))
+            return x.replace(
+                sharding.NamedSharding(mesh, sharding.spec_for(x.get_metadata()["axes"], x.shape, mesh))
+            )
         return replicated
 
     abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
@@ -231,7 +233,9 @@ def build(config: Config, mesh: jax.sharding.Mesh | None = None) -> Setup:
 
     def init():
         params = nnx.split(GPT(config.model, key=init_key))[1]
-        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), jax.random.key_data(train_key))
+        return TrainState(
+            jnp.zeros((), jnp.int32), params, optimizer.init(params), jax.random.key_data(train_key)
+        )
 
     abstract_state = jax.eval_shape(init)
     abstract_state = jax.tree.map(
@@ -278,13 +282,25 @@ def _check_compatible(saved: dict, config: Config, step: int, directory: Path) -
     # Fields that change how the computation runs, not what the parameters are.
     free = {"embd_dropout", "attn_dropout", "resid_dropout", "dtype", "attention", "remat", "scan_layers"}
     diffs = [
-        f"{k} {saved_model.get(k)!r} != {v!r}" for k, v in current.items() if k not in free and saved_model.get(k) != v
+        f"{k} {saved_model.get(k)!r} != {v!r}"
+        for k, v in current.items()
+        if k not in free and saved_model.get(k) != v
     ]
     if diffs:
         raise GptjaxError(
             f"the checkpoint at step {step} in {directory} was trained with a different model "
             f"({'; '.join(diffs)}): use a new train.run_dir or the checkpoint's model config"
         )
+
+
+def _init_from(config: Config, setup: Setup, state: TrainState) -> TrainState:
+    from gptjax.runs import load_params, read_config
+
+    source, _ = read_config(config.train.init_from)
+    _check_compatible({"config": source.to_dict()}, config, 0, Path(config.train.init_from))
+    params, _ = load_params(config.train.init_from, setup.abstract_state.params)
+    # AdamW's initial state (zero moments, count 0) does not depend on the values.
+    return state._replace(params=params)
 
 
 def _prepare_run_dir(config: Config) -> Path:
@@ -295,7 +311,9 @@ def _prepare_run_dir(config: Config) -> Path:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise GptjaxError(f"run directory {str(run_dir)!r} is not writable ({e.strerror}): choose another --run-dir") from e
+        raise GptjaxError(
+            f"run directory {str(run_dir)!r} is not writable ({e.strerror}): choose another --run-dir"
+        ) from e
     return run_dir
 
 
@@ -324,7 +342,9 @@ class _StopRequest:
 # The loop
 
 
-def train(config: Config, *, mesh: jax.sharding.Mesh | None = None, stop_at: int | None = None) -> TrainResult:
+def train(
+    config: Config, *, mesh: jax.sharding.Mesh | None = None, stop_at: int | None = None
+) -> TrainResult:
     """Train (or resume) the run described by ``config``.
 
     Args:
@@ -335,7 +355,9 @@ def train(config: Config, *, mesh: jax.sharding.Mesh | None = None, stop_at: int
     """
     is_main = jax.process_index() == 0
     run_dir = _prepare_run_dir(config)
-    dataset = data_lib.load_dataset(config.data, seq_len=config.model.block_size, vocab_size=config.model.vocab_size)
+    dataset = data_lib.load_dataset(
+        config.data, seq_len=config.model.block_size, vocab_size=config.model.vocab_size
+    )
     setup = build(config, mesh)
     ckpt = Checkpointer(run_dir / "checkpoints", keep=config.train.keep_checkpoints)
     logger = MetricsLogger(run_dir, enabled=is_main, total_steps=config.train.steps)
@@ -352,10 +374,15 @@ def _run(config, run_dir, dataset, setup, ckpt, logger, stop_at) -> TrainResult:
     meta = {"config": config.to_dict(), "tokenizer": dataset.tokenizer.name}
     if latest is None:
         state = setup.init()
-        logger.print(f"gptjax: new run in {run_dir} on {setup.mesh.devices.size} device(s) {dict(setup.mesh.shape)}")
+        if config.train.init_from:
+            state = _init_from(config, setup, state)
+            logger.print(f"gptjax: parameters initialised from {config.train.init_from}")
+        logger.print(
+            f"gptjax: new run in {run_dir} on {setup.mesh.devices.size} device(s) {dict(setup.mesh.shape)}"
+        )
     else:
         _check_compatible(ckpt.read_meta(latest), config, latest, ckpt.directory)
-        state, _ = ckpt.restore(latest, setup.abstract_state)
+        state = ckpt.restore(latest, setup.abstract_state)
         logger.print(f"gptjax: resuming {run_dir} from step {latest}")
     if jax.process_index() == 0:
         (run_dir / "config.json").write_text(config.to_json())
@@ -380,7 +407,9 @@ def _run(config, run_dir, dataset, setup, ckpt, logger, stop_at) -> TrainResult:
     start = int(state.step)
     metrics: dict[str, float] = {}
     t_compile = time.perf_counter()
-    compiled = setup.train_step.lower(state, sharding.global_batch(batches.batch(start), setup.mesh)).compile()
+    compiled = setup.train_step.lower(
+        state, sharding.global_batch(batches.batch(start), setup.mesh)
+    ).compile()
     logger.print(f"gptjax: train step compiled in {time.perf_counter() - t_compile:.1f}s")
     interrupted = False
     with _StopRequest() as stop:
@@ -417,7 +446,9 @@ def _run(config, run_dir, dataset, setup, ckpt, logger, stop_at) -> TrainResult:
                 metrics.update(ev)
             stopping = stop.requested or done == stop_at
             if save_now or stopping:
-                ckpt.save(done, state, {**meta, "step": done}, metrics=_eval_only(metrics) if eval_now else None)
+                ckpt.save(
+                    done, state, {**meta, "step": done}, metrics=_eval_only(metrics) if eval_now else None
+                )
             if stopping:
                 interrupted = True
                 logger.print(f"gptjax: stop requested; saved step {done}, exiting")

@@ -1,5 +1,6 @@
 """The jitted train step: sharded == single device, accumulation, schedule, decay mask."""
 
+import importlib
 import math
 
 import jax
@@ -8,9 +9,11 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from gptjax import sharding
-from gptjax import train as train_lib
 from gptjax.config import MeshConfig, load_config
 from gptjax.errors import GptjaxError
+
+# gptjax.train is the train() function; the module holds the step builders.
+train_lib = importlib.import_module("gptjax.train")
 
 BASE = [
     "model.n_embd=32",
@@ -108,7 +111,14 @@ def test_accumulated_train_step_updates_like_big_batch():
 @pytest.mark.parametrize("schedule", ["cosine", "constant", "wsd"])
 def test_schedule_matches_formula(schedule):
     config = load_config(
-        "nano", ["train.steps=101", "optim.warmup_steps=10", "optim.lr=1.0", "optim.min_lr=0.1", f"optim.schedule={schedule}"]
+        "nano",
+        [
+            "train.steps=101",
+            "optim.warmup_steps=10",
+            "optim.lr=1.0",
+            "optim.min_lr=0.1",
+            f"optim.schedule={schedule}",
+        ],
     )
     lr = train_lib.lr_schedule(config.optim, config.train.steps)
     assert float(lr(0)) == 0.0
@@ -136,7 +146,8 @@ def test_weight_decay_mask_covers_exactly_the_matrices():
     config = load_config("nano", ["model.tie_embeddings=false"])
     params = nnx.state(nnx.eval_shape(lambda: GPT(config.model, key=jax.random.key(0))))
     mask = train_lib.weight_decay_mask(params)
-    flat = {"/".join(str(getattr(k, "key", k)) for k in path[:-1]): v for path, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
+    paths = jax.tree_util.tree_flatten_with_path(mask)[0]
+    flat = {"/".join(str(getattr(k, "key", k)) for k in path[:-1]): v for path, v in paths}
     decayed = sorted(k for k, v in flat.items() if v)
     assert decayed == ["h/attn/c_attn", "h/attn/c_proj", "h/mlp/c_fc", "h/mlp/c_proj", "lm_head"]
     with_embeddings = train_lib.weight_decay_mask(params, decay_embeddings=True)

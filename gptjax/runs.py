@@ -1,0 +1,103 @@
+"""Run directories: find a checkpoint, read its config, load the model it holds.
+
+A run directory (``runs/<name>``) holds ``config.json``, ``metrics.jsonl``, TensorBoard
+files and ``checkpoints/<step>/``. Anything that needs a trained model (sampling,
+evaluation, export, initialising a new run) goes through :func:`load`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+from flax import nnx
+
+from gptjax.checkpoint import Checkpointer
+from gptjax.config import Config
+from gptjax.errors import GptjaxError
+from gptjax.model import GPT
+from gptjax.tokenizer import Tokenizer, get_tokenizer
+
+
+class Loaded(NamedTuple):
+    """What :func:`load` returns; unpacks as ``model, config, tokenizer``."""
+
+    model: GPT
+    config: Config
+    tokenizer: Tokenizer
+
+
+def locate(path: str | Path) -> tuple[Path, int]:
+    """The checkpoints directory and step of a run directory, checkpoints dir or step dir."""
+    path = Path(path)
+    if not path.exists():
+        raise GptjaxError(
+            f"{str(path)!r} does not exist: give a run directory written by gptjax train or import-hf"
+        )
+    if path.name.isdigit() and path.parent.name == "checkpoints":
+        return path.parent, int(path.name)
+    directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    steps = (
+        sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+        if directory.is_dir()
+        else []
+    )
+    if not steps:
+        raise GptjaxError(f"no checkpoint in {str(path)!r}: train first (gptjax train --run-dir {path})")
+    return directory, steps[-1]
+
+
+def load_params(path: str | Path, abstract_params: nnx.State) -> tuple[nnx.State, dict]:
+    """Restore a checkpoint's parameters into ``abstract_params``'s shapes and shardings."""
+    directory, step = locate(path)
+    ckpt = Checkpointer(directory, read_only=True)
+    try:
+        meta = ckpt.read_meta(step)
+        return ckpt.restore_params(step, abstract_params), meta
+    finally:
+        ckpt.close()
+
+
+def read_config(path: str | Path) -> tuple[Config, dict]:
+    """The config (and the whole meta record) stored with a run's latest checkpoint."""
+    directory, step = locate(path)
+    ckpt = Checkpointer(directory, read_only=True)
+    try:
+        meta = ckpt.read_meta(step)
+    finally:
+        ckpt.close()
+    return Config.from_dict(meta["config"]), meta
+
+
+def load(path: str | Path, *, shardings: nnx.State | None = None) -> Loaded:
+    """Load the model, config and tokenizer of a run directory or checkpoint.
+
+    Args:
+        path: A run directory, its ``checkpoints`` directory, or one step's directory.
+        shardings: Where to put the parameters (a tree of shardings as made by
+            :func:`gptjax.sharding.param_shardings`); default: the first device.
+    """
+    config, meta = read_config(path)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: GPT(config.model, key=jax.random.key(0))))
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, abstract)
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    params, _ = load_params(path, target)
+    return Loaded(nnx.merge(graphdef, params), config, get_tokenizer(meta["tokenizer"]))
+
+
+def write_params_run(run_dir: str | Path, config: Config, params: nnx.State, tokenizer: str) -> Path:
+    """Write parameters alone as a run (step 0) that ``load``, ``sample`` and ``init_from`` accept."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpointer(run_dir / "checkpoints")
+    try:
+        ckpt.save_params(0, params, {"config": config.to_dict(), "tokenizer": tokenizer, "step": 0})
+    finally:
+        ckpt.close()
+    (run_dir / "config.json").write_text(config.to_json())
+    return run_dir
