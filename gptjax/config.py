@@ -37,6 +37,15 @@ def _positive(obj: Any, *names: str) -> None:
         _check(value >= 1, f"{name} ({value}) must be >= 1")
 
 
+def _choices(obj: Any) -> None:
+    # Literal fields are checked here, not only by the override parser: a config file
+    # that builds ModelConfig(position="alibi") must fail, not train a model without positions.
+    for name, annotation in typing.get_type_hints(type(obj)).items():
+        if typing.get_origin(annotation) is Literal:
+            value, choices = getattr(obj, name), typing.get_args(annotation)
+            _check(value in choices, f"{name} ({value!r}) must be one of {list(choices)}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """The GPT architecture.
@@ -88,6 +97,7 @@ class ModelConfig:
     scan_layers: bool = True
 
     def __post_init__(self) -> None:
+        _choices(self)
         _positive(self, "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio")
         _check(
             self.n_embd % self.n_head == 0,
@@ -176,6 +186,7 @@ class OptimConfig:
     accum_steps: int = 1
 
     def __post_init__(self) -> None:
+        _choices(self)
         _check(self.lr > 0, f"lr ({self.lr}) must be > 0")
         _check(0 <= self.min_lr <= self.lr, f"min_lr ({self.min_lr}) must be in [0, lr={self.lr}]")
         _check(self.warmup_steps >= 0, f"warmup_steps ({self.warmup_steps}) must be >= 0")
@@ -229,6 +240,8 @@ class TrainConfig:
         sample_every: Steps between printed samples; 0 prints only at the end.
         run_dir: Run directory; empty means ``runs/<config name>``.
         peak_flops: Peak FLOP/s per device for MFU; 0 uses the built-in table.
+        init_from: A run directory or checkpoint whose parameters start this run (e.g. a
+            GPT-2 imported with ``gptjax import-hf``); the optimizer starts fresh.
     """
 
     steps: int = 1000
@@ -242,6 +255,7 @@ class TrainConfig:
     sample_every: int = 0
     run_dir: str = ""
     peak_flops: float = 0.0
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         _positive(self, "steps", "batch_size", "log_every", "keep_checkpoints")
