@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from gptjax.errors import GptjaxError
+from gptjax.model import GPT
 
 _GENERATE_CHUNK = 64  # the most decode steps per compiled call in generate()
 _MIN_BUCKET = 8  # the shortest prompt block, so that short prompts share one program
@@ -151,7 +152,7 @@ def _decode_chunk(graphdef, state, carry, row_keys, knobs, *, n_steps, greedy, t
 
 
 def _prompt_tokens(prompts, tokenizer, eot_id: int | None, vocab_size: int) -> list[list[int]]:
-    if isinstance(prompts, str) or not prompts:
+    if isinstance(prompts, str) or len(prompts) == 0:
         raise GptjaxError("prompts must be a non-empty list of strings or of token-id lists")
     rows = []
     for prompt in prompts:
@@ -171,14 +172,16 @@ def _prompt_tokens(prompts, tokenizer, eot_id: int | None, vocab_size: int) -> l
     return rows
 
 
-def _start(model, prompts, max_new_tokens, params, seed, tokenizer, stop_tokens, eot_id, chunk_size):
+def _start(model: GPT, prompts, max_new_tokens, params, seed, tokenizer, stop_tokens, eot_id, chunk_size):
     """Validate, prefill, and return the prompt tokens and an iterator of decoded chunks."""
     cfg = model.config
     vocab, block_size = cfg.vocab_size, cfg.block_size
     eot_id = tokenizer.eot_id if eot_id is None and tokenizer is not None else eot_id
     rows = _prompt_tokens(prompts, tokenizer, eot_id, vocab)
-    if max_new_tokens < 1 or chunk_size < 1:
-        raise GptjaxError(f"max_new_tokens ({max_new_tokens}) and chunk_size ({chunk_size}) must be >= 1")
+    if max_new_tokens < 1:
+        raise GptjaxError(f"max_new_tokens ({max_new_tokens}) must be >= 1")
+    if chunk_size < 1:
+        raise GptjaxError(f"chunk_size ({chunk_size}) must be >= 1")
     if params.top_k > vocab:
         raise GptjaxError(f"top_k ({params.top_k}) exceeds the vocabulary ({vocab}); use 0 to disable it")
     longest = max(map(len, rows))
@@ -187,9 +190,9 @@ def _start(model, prompts, max_new_tokens, params, seed, tokenizer, stop_tokens,
             f"prompt length ({longest}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
             f"block_size ({block_size}): shorten the prompt or ask for fewer tokens"
         )
-    stops = [t for t in (*stop_tokens, *([] if eot_id is None else [eot_id]))]
+    stops = [int(t) for t in (*stop_tokens, *([] if eot_id is None else [eot_id]))]
     if any(not 0 <= t < vocab for t in stops):
-        raise GptjaxError(f"stop tokens {list(stop_tokens)} must lie in the vocabulary [0, {vocab})")
+        raise GptjaxError(f"stop tokens and eot_id {stops} must lie in the vocabulary [0, {vocab})")
     is_stop = np.zeros(vocab, bool)
     is_stop[stops] = True
 
@@ -235,7 +238,7 @@ def _start(model, prompts, max_new_tokens, params, seed, tokenizer, stop_tokens,
 
 
 def generate(
-    model,
+    model: GPT,
     prompts: Sequence[str] | Sequence[Sequence[int]],
     *,
     max_new_tokens: int,
@@ -260,7 +263,8 @@ def generate(
     Returns:
         A :class:`Generation`.
     """
-    chunk = math.ceil(max_new_tokens / math.ceil(max(max_new_tokens, 1) / _GENERATE_CHUNK))
+    n = max(max_new_tokens, 1)
+    chunk = math.ceil(n / math.ceil(n / _GENERATE_CHUNK))  # e.g. 256 -> 4 x 64, 100 -> 2 x 50
     rows, chunks = _start(model, prompts, max_new_tokens, params, seed, tokenizer, stop_tokens, eot_id, chunk)
     tokens: list[list[int]] = [[] for _ in rows]
     logprobs: list[list[float]] = [[] for _ in rows]
@@ -275,7 +279,7 @@ def generate(
 
 
 def stream(
-    model,
+    model: GPT,
     prompts: Sequence[str] | Sequence[Sequence[int]],
     *,
     max_new_tokens: int,

@@ -248,6 +248,7 @@ def test_sharded_params_give_the_same_samples():
         (dict(prompts=[]), "non-empty list"),
         (dict(max_new_tokens=0), "max_new_tokens"),
         (dict(stop_tokens=[300]), "stop tokens"),
+        (dict(eot_id=257), "eot_id"),
     ],
 )
 def test_bad_input_is_one_line_error(kwargs, match):
