@@ -77,8 +77,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.run_dir:
         overrides.append(f"train.run_dir={args.run_dir}")
-    train(load_config(args.config, overrides))
-    return 0
+    result = train(load_config(args.config, overrides), stop_at=args.stop_at)
+    return 0 if result.step >= 0 else 1
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
@@ -120,6 +120,31 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_launch(args: argparse.Namespace) -> int:
+    from gptjax.launch import launch
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    return launch(
+        command, processes=args.processes, devices_per_process=args.devices_per_process, port=args.port
+    )
+
+
+def _cmd_import_hf(args: argparse.Namespace) -> int:
+    from gptjax.interop import import_hf
+
+    run_dir = import_hf(args.hf_dir, args.run_dir, tokenizer=args.tokenizer)
+    print(f"gptjax: imported {args.hf_dir} into {run_dir}; try: gptjax sample {run_dir}")
+    return 0
+
+
+def _cmd_export_hf(args: argparse.Namespace) -> int:
+    from gptjax.interop import export_hf
+
+    hf_dir = export_hf(args.run_dir, args.hf_dir)
+    print(f"gptjax: wrote {hf_dir} (transformers.GPT2LMHeadModel.from_pretrained loads it)")
+    return 0
+
+
 # --------------------------------------------------------------------------------------
 
 
@@ -145,7 +170,17 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", default=None, help="a preset or a .py config file")
     p.add_argument("overrides", nargs="*", help="section.field=value")
     p.add_argument("--run-dir", default="")
+    p.add_argument("--stop-at", type=int, default=None, help="save and stop after this step (resume later)")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("launch", help="run a gptjax command as N local processes (multi-host on one machine)")
+    p.add_argument("--processes", type=int, required=True)
+    p.add_argument("--devices-per-process", type=int, default=1, help="fake CPU devices per process")
+    p.add_argument("--port", type=int, default=0, help="coordinator port (default: a free one)")
+    p.add_argument(
+        "command", nargs=argparse.REMAINDER, help="-- then the gptjax command, e.g. -- train quickstart"
+    )
+    p.set_defaults(func=_cmd_launch)
 
     p = sub.add_parser("sample", help="generate text from a run's latest checkpoint")
     p.add_argument("run_dir", help="a run directory (or checkpoint) from gptjax train or import-hf")
@@ -160,6 +195,17 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print prompts, texts, tokens and log-probabilities")
     p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("import-hf", help="convert a Hugging Face GPT-2 directory (or hub name) into a run")
+    p.add_argument("hf_dir", help="a directory with config.json and model.safetensors, or a hub name like gpt2")
+    p.add_argument("run_dir", help="the run directory to write (sample it, or use it as train.init_from)")
+    p.add_argument("--tokenizer", default="gpt2", help="the tokenizer the run records")
+    p.set_defaults(func=_cmd_import_hf)
+
+    p = sub.add_parser("export-hf", help="write a run's latest checkpoint as a Hugging Face GPT-2 directory")
+    p.add_argument("run_dir", help="a run directory (or checkpoint)")
+    p.add_argument("hf_dir", help="the directory to write")
+    p.set_defaults(func=_cmd_export_hf)
     return parser
 
 

@@ -17,6 +17,7 @@ divide is left unsplit on that axis rather than padded.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import jax
@@ -122,3 +123,50 @@ def data_parallel_size(mesh: Mesh) -> int:
 def global_batch(local_batch: np.ndarray, mesh: Mesh) -> jax.Array:
     """Assemble this process's rows into the global, batch-sharded array."""
     return jax.make_array_from_process_local_data(batch_sharding(mesh, local_batch.ndim), local_batch)
+
+
+# --------------------------------------------------------------------------------------
+# Multi-host
+
+
+def initialize_distributed() -> bool:
+    """Start JAX's multi-controller runtime if this process is one of several; idempotent.
+
+    Sources, in order: JAX's own variables ``JAX_COORDINATOR_ADDRESS``,
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (what ``gptjax launch`` sets); else a
+    cluster JAX detects itself — SLURM with more than one task, Open MPI with more than one
+    rank, or any cluster (TPU pod slices included) when ``GPTJAX_DISTRIBUTED=1``. Nothing
+    in the training config changes between 1 and N processes. Returns whether more than
+    one process is running.
+
+    Must run before anything touches a JAX device; :func:`gptjax.train` calls it first.
+    """
+    from jax._src import distributed
+
+    if distributed.global_state.client is not None:
+        return jax.process_count() > 1
+    env = os.environ
+    explicit = "JAX_COORDINATOR_ADDRESS" in env
+    detected = (
+        int(env.get("SLURM_NTASKS", "1")) > 1
+        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+        or env.get("GPTJAX_DISTRIBUTED") == "1"
+    )
+    if not (explicit or detected):
+        return False
+    if env.get("JAX_PLATFORMS", "").startswith("cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        if explicit:
+            jax.distributed.initialize(
+                coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                num_processes=int(env["JAX_NUM_PROCESSES"]),
+                process_id=int(env["JAX_PROCESS_ID"]),
+            )
+        else:
+            jax.distributed.initialize()
+    except KeyError as e:
+        raise GptjaxError(f"JAX_COORDINATOR_ADDRESS is set but {e.args[0]} is not: set both") from e
+    except RuntimeError as e:
+        raise GptjaxError(f"jax.distributed could not start ({e}): check the coordinator address") from e
+    return jax.process_count() > 1

@@ -307,7 +307,7 @@ def _prepare_run_dir(config: Config) -> Path:
     run_dir = Path(config.train.run_dir or Path("runs") / config.name)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-probe"
+        probe = run_dir / f".write-probe-{jax.process_index()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
@@ -318,20 +318,32 @@ def _prepare_run_dir(config: Config) -> Path:
 
 
 class _StopRequest:
-    """Turns SIGTERM/SIGINT into "finish this step, save, exit 0"."""
+    """Turns SIGTERM/SIGINT into "finish this step, save, exit 0".
+
+    With several processes, signals are left to JAX's preemption service (SIGTERM) and
+    every process asks :meth:`at` whether to stop, so all of them save the same step.
+    """
 
     def __init__(self):
         self.requested = False
         self._previous = {}
+        self._multi = jax.process_count() > 1
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in () if self._multi else (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
         self.requested = True
+
+    def at(self, step: int) -> bool:
+        if self._multi:
+            from jax.experimental import multihost_utils
+
+            self.requested = self.requested or multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -353,6 +365,7 @@ def train(
         stop_at: Stop after this step as if preempted (save, return): for jobs that run a
             long schedule a slice at a time.
     """
+    sharding.initialize_distributed()
     is_main = jax.process_index() == 0
     run_dir = _prepare_run_dir(config)
     dataset = data_lib.load_dataset(
@@ -444,7 +457,7 @@ def _run(config, run_dir, dataset, setup, ckpt, logger, stop_at) -> TrainResult:
                 logger.write(done, ev)
                 logger.progress(done, ev)
                 metrics.update(ev)
-            stopping = stop.requested or done == stop_at
+            stopping = stop.at(done) or done == stop_at
             if save_now or stopping:
                 ckpt.save(
                     done, state, {**meta, "step": done}, metrics=_eval_only(metrics) if eval_now else None

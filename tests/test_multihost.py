@@ -1,0 +1,153 @@
+"""Multi-host training: 2 local processes x 2 CPU devices over jax.distributed (gloo).
+
+Each test launches ``gptjax launch`` in a subprocess and compares with one process
+holding 4 of this test process's 8 fake devices.
+"""
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from gptjax import sharding
+from gptjax.checkpoint import Checkpointer
+from gptjax.config import MeshConfig, load_config
+from gptjax.launch import GRACE_SECONDS
+
+train_lib = importlib.import_module("gptjax.train")
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTJAX_CACHE_DIR", str(tmp_path / "cache"))
+    text_dir = tmp_path / "text"
+    text_dir.mkdir()
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "def", "return", "class", "import"]
+    for i in range(40):
+        (text_dir / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(words, 300)) + "\n")
+    return text_dir
+
+
+def _overrides(corpus, *extra):
+    return [
+        f"data.source={corpus}",
+        "data.val_fraction=0.1",
+        "model.block_size=32",
+        "train.steps=10",
+        "train.batch_size=8",
+        "train.log_every=1",
+        "train.eval_every=0",
+        "train.eval_max_batches=2",
+        "train.checkpoint_every=0",
+        "optim.warmup_steps=2",
+        "sample.max_new_tokens=4",
+        *extra,
+    ]
+
+
+def _launch(corpus, run_dir, *extra, stop_at=None, timeout=420):
+    cmd = [
+        sys.executable,
+        "-m",
+        "gptjax.cli",
+        "launch",
+        "--processes",
+        "2",
+        "--devices-per-process",
+        "2",
+        "--",
+    ]
+    cmd += ["train", "nano", *_overrides(corpus, *extra), "--run-dir", str(run_dir)]
+    if stop_at:
+        cmd += ["--stop-at", str(stop_at)]
+    proc = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=dict(os.environ)
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _one_process(corpus, run_dir, *extra, mesh_cfg=None, stop_at=None):
+    mesh = sharding.make_mesh(mesh_cfg or MeshConfig(data=-1), devices=jax.devices()[:4])
+    config = load_config("nano", [*_overrides(corpus, *extra), f"train.run_dir={run_dir}"])
+    return train_lib.train(config, mesh=mesh, stop_at=stop_at)
+
+
+def _losses(run_dir):
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return np.array([losses[s] for s in sorted(losses)])
+
+
+@pytest.mark.parametrize(
+    ("extra", "mesh_cfg"),
+    [((), MeshConfig(data=-1)), (("mesh.data=1", "mesh.fsdp=-1"), MeshConfig(data=1, fsdp=-1))],
+    ids=["data-parallel", "fsdp"],
+)
+def test_two_processes_match_one(corpus, tmp_path, extra, mesh_cfg):
+    _launch(corpus, tmp_path / "multi", *extra, "train.steps=5")
+    _one_process(corpus, tmp_path / "single", *extra, "train.steps=5", mesh_cfg=mesh_cfg)
+    multi, single = _losses(tmp_path / "multi"), _losses(tmp_path / "single")
+    assert len(multi) == 5
+    np.testing.assert_allclose(multi, single, atol=1e-5, rtol=0)
+
+
+def test_checkpoints_move_between_topologies(corpus, tmp_path):
+    reference = _losses(_one_process(corpus, tmp_path / "straight").run_dir)
+    # 2 processes save at step 5; 1 process with 4 devices continues.
+    _launch(corpus, tmp_path / "a", stop_at=5)
+    assert Checkpointer(tmp_path / "a" / "checkpoints").latest_step() == 5
+    _one_process(corpus, tmp_path / "a")
+    # And the reverse.
+    _one_process(corpus, tmp_path / "b", stop_at=5)
+    _launch(corpus, tmp_path / "b")
+    for run in ("a", "b"):
+        np.testing.assert_allclose(_losses(tmp_path / run), reference, atol=1e-5, rtol=0)
+
+
+def test_launcher_stops_everything_when_one_process_dies(corpus, tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "gptjax.cli",
+        "launch",
+        "--processes",
+        "2",
+        "--devices-per-process",
+        "2",
+        "--",
+    ]
+    cmd += ["train", "nano", *_overrides(corpus, "train.steps=100000"), "--run-dir", str(tmp_path / "run")]
+    launcher = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Wait until training is under way (process 0 writes metrics), then kill process 1.
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and metrics.stat().st_size > 0):
+        assert time.time() < deadline and launcher.poll() is None, "training never started"
+        time.sleep(0.5)
+    children = subprocess.run(
+        ["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True
+    ).stdout.split()
+    assert len(children) == 2
+    envs = {pid: Path(f"/proc/{pid}/environ").read_bytes() for pid in children}
+    victim = next(pid for pid, env in envs.items() if b"JAX_PROCESS_ID=1\x00" in env)
+    t0 = time.time()
+    os.kill(int(victim), signal.SIGKILL)
+    _, err = launcher.communicate(timeout=60)
+    elapsed = time.time() - t0
+    assert launcher.returncode != 0
+    assert "process 1 was killed by signal 9; stopping the other processes" in err
+    assert elapsed < GRACE_SECONDS + 5, elapsed
+    for pid in children:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
