@@ -242,6 +242,8 @@ class TrainConfig:
         peak_flops: Peak FLOP/s per device for MFU; 0 uses the built-in table.
         init_from: A run directory or checkpoint whose parameters start this run (e.g. a
             GPT-2 imported with ``gptjax import-hf``); the optimizer starts fresh.
+        max_bad_steps: Consecutive steps with a non-finite loss or gradient (each one
+            skipped) after which the run stops, keeping its last good checkpoint.
     """
 
     steps: int = 1000
@@ -256,6 +258,7 @@ class TrainConfig:
     run_dir: str = ""
     peak_flops: float = 0.0
     init_from: str = ""
+    max_bad_steps: int = 10
 
     def __post_init__(self) -> None:
         _positive(self, "steps", "batch_size", "log_every", "keep_checkpoints")
@@ -263,6 +266,7 @@ class TrainConfig:
             value = getattr(self, name)
             _check(value >= 0, f"{name} ({value}) must be >= 0")
         _check(self.peak_flops >= 0, f"peak_flops ({self.peak_flops}) must be >= 0")
+        _check(self.max_bad_steps >= 0, f"max_bad_steps ({self.max_bad_steps}) must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)
