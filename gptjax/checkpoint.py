@@ -109,14 +109,27 @@ class Checkpointer:
             train=ocp.args.StandardSave(to_nested(rest)),
             meta=ocp.args.JsonSave(meta),
         )
-        self._manager.save(step, args=args, metrics=metrics, force=True)
+        self._save(step, args, metrics)
+
+    def _save(self, step: int, args: Any, metrics: dict | None = None) -> None:
+        try:
+            self._manager.save(step, args=args, metrics=metrics, force=True)
+        except Exception as e:  # I/O failures surface as many types, some from the async thread
+            raise self._save_error(step, e) from e
+
+    def _save_error(self, step: int | str, e: Exception) -> GptjaxError:
+        return GptjaxError(
+            f"saving the checkpoint at step {step} in {self.directory} failed ({type(e).__name__}: "
+            f"{str(e)[:200]}); earlier checkpoints are intact: free disk space or fix permissions, "
+            "then re-run"
+        )
 
     def save_params(self, step: int, params: Any, meta: dict) -> None:
         """Save parameters alone (an imported model): loadable, not resumable."""
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(to_nested(params)), meta=ocp.args.JsonSave(meta)
         )
-        self._manager.save(step, args=args, force=True)
+        self._save(step, args)
 
     def restore(self, step: int, abstract_state: Any) -> Any:
         """Restore a train state into the structure, dtypes and shardings of ``abstract_state``.
@@ -147,8 +160,13 @@ class Checkpointer:
         return dict(restored["meta"])
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            raise self._save_error("(pending async save)", e) from e
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()

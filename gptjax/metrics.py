@@ -91,6 +91,10 @@ class MetricsLogger:
         if self.enabled:
             print(message, flush=True)
 
+    def warn(self, message: str) -> None:
+        if self.enabled:
+            print(f"gptjax: warning: {message}", file=sys.stderr, flush=True)
+
     def progress(self, step: int, row: dict[str, Any]) -> None:
         """One console line per logged step: step, loss, throughput and MFU."""
         if not self.enabled:

@@ -126,28 +126,24 @@ class Attention(nnx.Module):
             out = out + self.c_proj_bias[...].astype(y.dtype)
         return out
 
-    def __call__(
-        self,
-        x: jax.Array,
-        positions: jax.Array,
-        dropout_key: jax.Array | None,
-        cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
-    ):
+    def __call__(self, x: jax.Array, positions: jax.Array, dropout_key: jax.Array | None, cache=None):
         """Causal self-attention.
 
-        Without a cache: full causal attention over x (B, T, D). With ``cache = (k, v,
-        index, mask)``: write this step's keys/values at ``index`` into k/v (B, S, N, H)
-        and attend under ``mask`` (B, 1, T, S); returns the updated k and v too.
+        Without a cache: full causal attention over x (B, T, D). With ``cache = (k_all,
+        v_all, layer, index, mask)``: write this step's keys/values into the stacked
+        (L, B, S, N, H) caches at ``[layer, :, index]`` in place, attend over that layer's
+        slots under ``mask`` (B, 1, T, S), and return the updated caches.
         """
         q, k, v = self.qkv(x, positions)
         if cache is None:
             y = self._attend(q, k, v, mask=None, dropout_key=dropout_key)
             return self.project(y), None
-        k_cache, v_cache, index, mask = cache
-        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, 1)
-        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, 1)
-        y = self._attend(q, k_cache, v_cache, mask=mask, dropout_key=None)
-        return self.project(y), (k_cache, v_cache)
+        k_all, v_all, layer, index, mask = cache
+        at = (layer, 0, index, 0, 0)
+        k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
+        v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
+        y = self._attend(q, k_all[layer], v_all[layer], mask=mask, dropout_key=None)
+        return self.project(y), (k_all, v_all)
 
     def _attend(self, q, k, v, *, mask, dropout_key):
         cfg = self.cfg
@@ -161,7 +157,9 @@ class Attention(nnx.Module):
             return jnp.einsum("BNTS,BSNH->BTNH", probs.astype(v.dtype), v)
         if mask is not None:
             return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=attention_implementation(cfg))
+        return jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation=attention_implementation(cfg)
+        )
 
 
 class MLP(nnx.Module):
@@ -297,9 +295,11 @@ class GPT(nnx.Module):
         if max_len > cfg.block_size:
             raise GptjaxError(f"cache length {max_len} exceeds the model's block_size ({cfg.block_size})")
         shape = (cfg.n_layer, batch_size, max_len, cfg.n_head, cfg.head_dim)
-        zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
+        dtype = jnp.dtype(cfg.dtype)
         start = jnp.zeros((batch_size,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
-        return KVCache(k=zeros, v=zeros, start=start, index=jnp.zeros((), jnp.int32))
+        return KVCache(
+            k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), start=start, index=jnp.zeros((), jnp.int32)
+        )
 
     def decode(self, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """Run tokens (B, T) at slots ``cache.index ...`` and return logits (B, T, V).
@@ -319,22 +319,20 @@ class GPT(nnx.Module):
         mask = (causal[None] & real) | (key_slots[None, None, :] == slots[None, :, None])
         mask = mask[:, None]  # (B, 1, T, S)
         x = self.embed(tokens, positions)
+        # Layers are always scanned here: each writes only its new slots into the stacked
+        # caches, in place.
         graphdef, stacked = nnx.split(self.h)
 
         def body(carry, xs):
             x, k_all, v_all = carry
-            state, i = xs
+            state, layer = xs
             block = nnx.merge(graphdef, state)
-            x, (k_i, v_i) = block(x, positions, None, (k_all[i], v_all[i], cache.index, mask))
-            return (x, k_all.at[i].set(k_i), v_all.at[i].set(v_i)), None
+            x, (k_all, v_all) = block(x, positions, None, (k_all, v_all, layer, cache.index, mask))
+            return (x, k_all, v_all), None
 
-        carry = (x, cache.k, cache.v)
-        if self.config.scan_layers:
-            carry = jax.lax.scan(body, carry, (stacked, jnp.arange(self.config.n_layer)))[0]
-        else:
-            for i in range(self.config.n_layer):
-                carry = body(carry, (jax.tree.map(lambda a, i=i: a[i], stacked), i))[0]
-        x, k_all, v_all = carry
+        x, k_all, v_all = jax.lax.scan(
+            body, (x, cache.k, cache.v), (stacked, jnp.arange(self.config.n_layer))
+        )[0]
         logits = self.logits(self.ln_f(x))
         return logits, KVCache(k=k_all, v=v_all, start=cache.start, index=cache.index + t)
 

@@ -15,6 +15,8 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -160,17 +162,28 @@ def make_grad_fn(graphdef: nnx.GraphDef, config: Config):
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer, config: Config):
-    """``(state, batch (B, T+1)) -> (state, metrics)``."""
+    """``(state, batch (B, T+1)) -> (state, metrics)``.
+
+    A non-finite loss or gradient skips the update: parameters and optimizer state stay
+    as they were, the step still advances (it indexes the data and the schedule), and
+    ``metrics["skipped"]`` is 1.
+    """
     grad_fn = make_grad_fn(graphdef, config)
     schedule = lr_schedule(config.optim, config.train.steps)
 
     def train_step(state: TrainState, batch: jax.Array):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         loss, grads = grad_fn(state.params, batch, key)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
-        return TrainState(state.step + 1, params, opt_state, state.rng), metrics
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "skipped": 1 - finite}
+        new_state = TrainState(
+            state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state), state.rng
+        )
+        return new_state, metrics
 
     return train_step
 
@@ -350,18 +363,70 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
+class _StepTimer:
+    """Where a step's time goes: waiting for data, compute, checkpoint stalls.
+
+    Throughput counts only training time: evaluation and checkpoint saves are paused out.
+    """
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.paused = self.data_wait = self.ckpt_stall = 0.0
+        self.first_step_done: float | None = None
+
+    def wait(self, stream: Iterator) -> Iterator:
+        while True:
+            t = time.perf_counter()
+            item = next(stream, None)
+            self.data_wait += time.perf_counter() - t
+            if item is None:
+                return
+            yield item
+
+    @contextmanager
+    def pause(self, stall: bool = False):
+        t = time.perf_counter()
+        yield
+        elapsed = time.perf_counter() - t
+        self.paused += elapsed
+        if stall:
+            self.ckpt_stall += elapsed
+
+    def rates(self, steps: int, tokens_per_step: int, flops_per_tok: float, peak_total: float) -> dict:
+        elapsed = time.perf_counter() - self.t0 - self.paused
+        tokens_per_sec = steps * tokens_per_step / elapsed
+        return {
+            "tokens_per_sec": tokens_per_sec,
+            "step_time": elapsed / steps,
+            "mfu": flops_per_tok * tokens_per_sec / peak_total if peak_total else 0.0,
+            "data_wait": self.data_wait / steps,
+            "checkpoint_stall": self.ckpt_stall / steps,
+        }
+
+
+def _memory() -> dict:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return {"peak_memory_bytes": stats["peak_bytes_in_use"]} if "peak_bytes_in_use" in stats else {}
+
+
 # --------------------------------------------------------------------------------------
 # The loop
 
 
 def train(
-    config: Config, *, mesh: jax.sharding.Mesh | None = None, stop_at: int | None = None
+    config: Config,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    stop_at: int | None = None,
+    batch_hook: Callable[[int, np.ndarray], np.ndarray] | None = None,
 ) -> TrainResult:
     """Train (or resume) the run described by ``config``.
 
     Args:
         config: The run. Its run directory is resumed if it holds a checkpoint.
         mesh: Devices to train on (default: every device, shaped by ``config.mesh``).
+        batch_hook: ``(step, local_batch) -> local_batch`` applied before each step (for
+            fault-injection tests and data surgery).
         stop_at: Stop after this step as if preempted (save, return): for jobs that run a
             long schedule a slice at a time.
     """
@@ -375,28 +440,56 @@ def train(
     ckpt = Checkpointer(run_dir / "checkpoints", keep=config.train.keep_checkpoints)
     logger = MetricsLogger(run_dir, enabled=is_main, total_steps=config.train.steps)
     try:
-        return _run(config, run_dir, dataset, setup, ckpt, logger, stop_at)
+        return _run(config, run_dir, dataset, setup, ckpt, logger, stop_at, batch_hook)
     finally:
         ckpt.close()
         logger.close()
 
 
-def _run(config, run_dir, dataset, setup, ckpt, logger, stop_at) -> TrainResult:
-    tc = config.train
-    latest = ckpt.latest_step()
-    meta = {"config": config.to_dict(), "tokenizer": dataset.tokenizer.name}
-    if latest is None:
-        state = setup.init()
-        if config.train.init_from:
-            state = _init_from(config, setup, state)
-            logger.print(f"gptjax: parameters initialised from {config.train.init_from}")
-        logger.print(
-            f"gptjax: new run in {run_dir} on {setup.mesh.devices.size} device(s) {dict(setup.mesh.shape)}"
+def _restore_or_init(config: Config, setup: Setup, ckpt: Checkpointer, logger: MetricsLogger) -> TrainState:
+    """The newest readable checkpoint's state; a fresh (or ``init_from``) state if none.
+
+    An unreadable checkpoint (a truncated or missing array file) is reported by step and
+    the previous one is tried; the run never silently restarts from scratch.
+    """
+    steps = sorted(ckpt.all_steps(), reverse=True)
+    for step in steps:
+        try:
+            meta = ckpt.read_meta(step)
+        except Exception as e:  # orbax raises many types for a damaged directory
+            logger.warn(
+                f"checkpoint at step {step} is unreadable ({type(e).__name__}); trying the previous one"
+            )
+            continue
+        _check_compatible(meta, config, step, ckpt.directory)
+        try:
+            state = ckpt.restore(step, setup.abstract_state)
+        except Exception as e:
+            logger.warn(
+                f"checkpoint at step {step} is unreadable ({type(e).__name__}: {str(e)[:200]}); "
+                "trying the previous one"
+            )
+            continue
+        logger.print(f"gptjax: resuming {ckpt.directory.parent} from step {step}")
+        return state
+    if steps:
+        raise GptjaxError(
+            f"no checkpoint in {ckpt.directory} is readable (steps {steps}): "
+            "move the directory away to start over"
         )
-    else:
-        _check_compatible(ckpt.read_meta(latest), config, latest, ckpt.directory)
-        state = ckpt.restore(latest, setup.abstract_state)
-        logger.print(f"gptjax: resuming {run_dir} from step {latest}")
+    state = setup.init()
+    if config.train.init_from:
+        state = _init_from(config, setup, state)
+        logger.print(f"gptjax: parameters initialised from {config.train.init_from}")
+    shape = dict(setup.mesh.shape)
+    logger.print(f"gptjax: new run in {ckpt.directory.parent} on {setup.mesh.devices.size} device(s) {shape}")
+    return state
+
+
+def _run(config, run_dir, dataset, setup, ckpt, logger, stop_at, batch_hook) -> TrainResult:
+    tc = config.train
+    meta = {"config": config.to_dict(), "tokenizer": dataset.tokenizer.name}
+    state = _restore_or_init(config, setup, ckpt, logger)
     if jax.process_index() == 0:
         (run_dir / "config.json").write_text(config.to_json())
 
@@ -415,58 +508,62 @@ def _run(config, run_dir, dataset, setup, ckpt, logger, stop_at) -> TrainResult:
     flops = flops_per_token(config.model, seq)["total"]
     peak, peak_source = peak_flops(config.model.dtype, tc.peak_flops)
     n_devices = setup.mesh.devices.size
-    logger.print(f"gptjax: MFU against {peak / 1e12:.3g} TFLOP/s per device, {peak_source}")
-
     start = int(state.step)
     metrics: dict[str, float] = {}
-    t_compile = time.perf_counter()
-    compiled = setup.train_step.lower(
-        state, sharding.global_batch(batches.batch(start), setup.mesh)
-    ).compile()
-    logger.print(f"gptjax: train step compiled in {time.perf_counter() - t_compile:.1f}s")
     interrupted = False
-    with _StopRequest() as stop:
-        t_last, steps_since, wait_since = time.perf_counter(), 0, 0.0
+    if start < tc.steps:  # a finished run only evaluates
+        logger.print(f"gptjax: MFU against {peak / 1e12:.3g} TFLOP/s per device, {peak_source}")
+        t_compile = time.perf_counter()
+        compiled = setup.train_step.lower(
+            state, sharding.global_batch(batches.batch(start), setup.mesh)
+        ).compile()
+        compile_time = time.perf_counter() - t_compile
+        logger.print(f"gptjax: train step compiled in {compile_time:.1f}s")
+        timer = _StepTimer()
+        bad_run = skipped_total = 0
+        pending = None  # the previous step's metrics: read one step late to keep a step in flight
         stream = batches.prefetch(start, tc.steps, config.data.prefetch)
-        while True:
-            t_wait = time.perf_counter()
-            step, local = next(stream, (None, None))
-            if step is None:
-                break
-            wait_since += time.perf_counter() - t_wait
-            state, step_metrics = compiled(state, sharding.global_batch(local, setup.mesh))
-            steps_since += 1
-            done = step + 1
-            if done % tc.log_every == 0 or done == tc.steps:
-                metrics = {k: float(v) for k, v in step_metrics.items()}  # blocks on the step
-                elapsed = time.perf_counter() - t_last
-                tokens_per_sec = steps_since * tc.batch_size * seq / elapsed
-                metrics.update(
-                    tokens_per_sec=tokens_per_sec,
-                    step_time=elapsed / steps_since,
-                    mfu=flops * tokens_per_sec / (peak * n_devices) if peak else 0.0,
-                    data_wait=wait_since / steps_since,
-                )
-                logger.write(done, metrics)
-                logger.progress(done, metrics)
-                t_last, steps_since, wait_since = time.perf_counter(), 0, 0.0
-            eval_now = tc.eval_every and done % tc.eval_every == 0 and done != tc.steps
-            save_now = tc.checkpoint_every and done % tc.checkpoint_every == 0 and done != tc.steps
-            if eval_now:
-                ev = evaluate(setup, state.params, dataset.val, config, bytes_per_token)
-                logger.write(done, ev)
-                logger.progress(done, ev)
-                metrics.update(ev)
-            stopping = stop.at(done) or done == stop_at
-            if save_now or stopping:
-                ckpt.save(
-                    done, state, {**meta, "step": done}, metrics=_eval_only(metrics) if eval_now else None
-                )
-            if stopping:
-                interrupted = True
-                logger.print(f"gptjax: stop requested; saved step {done}, exiting")
-                break
+        with _StopRequest() as stop:
+            for step, local in timer.wait(stream):
+                if batch_hook is not None:
+                    local = batch_hook(step, local)
+                state, step_metrics = compiled(state, sharding.global_batch(local, setup.mesh))
+                if pending is not None:
+                    bad = int(pending["skipped"])
+                    bad_run, skipped_total = (bad_run + 1 if bad else 0), skipped_total + bad
+                    if bad_run > tc.max_bad_steps:
+                        raise GptjaxError(
+                            f"{bad_run} consecutive steps (up to step {step - 1}) had a non-finite loss "
+                            "or gradient and were skipped; stopped, keeping the last checkpoint. Lower "
+                            "optim.lr, check the data, or raise train.max_bad_steps"
+                        )
+                pending = step_metrics
+                done = step + 1
+                if done % tc.log_every == 0 or done == tc.steps:
+                    metrics = {k: float(v) for k, v in step_metrics.items()}  # waits for the step
+                    metrics.update(timer.rates(done - start, tc.batch_size * seq, flops, peak * n_devices))
+                    metrics["skipped_total"] = skipped_total + int(metrics["skipped"])
+                    logger.write(done, metrics)
+                    logger.progress(done, metrics)
+                eval_now = tc.eval_every and done % tc.eval_every == 0 and done != tc.steps
+                if eval_now:
+                    with timer.pause():
+                        ev = evaluate(setup, state.params, dataset.val, config, bytes_per_token)
+                    logger.write(done, ev)
+                    logger.progress(done, ev)
+                    metrics.update(ev)
+                stopping = stop.at(done) or done == stop_at
+                if stopping or (tc.checkpoint_every and done % tc.checkpoint_every == 0 and done != tc.steps):
+                    with timer.pause(stall=True):
+                        ckpt.save(
+                            done, state, {**meta, "step": done}, metrics=_eval_only(ev) if eval_now else None
+                        )
+                if stopping:
+                    interrupted = True
+                    logger.print(f"gptjax: stop requested; saved step {done}, exiting")
+                    break
         stream.close()  # stops the prefetch thread
+        logger.write(int(state.step), {"compile_time": compile_time, **_memory()})
     final_step = int(state.step)
     if not interrupted:
         ev = evaluate(setup, state.params, dataset.val, config, bytes_per_token)
@@ -488,10 +585,8 @@ def _eval_only(metrics: dict) -> dict:
 
 def _samples(config: Config, setup: Setup, params, tokenizer, logger) -> list[str]:
     """Print a few samples from the trained model (the sampler issue's generate)."""
-    try:
-        from gptjax.sample import SamplingParams, generate
-    except ImportError:
-        return []
+    from gptjax.sample import SamplingParams, generate
+
     sc = config.sample
     model = nnx.merge(setup.graphdef, params)
     max_new = min(sc.max_new_tokens, config.model.block_size - max(1, len(tokenizer.encode(sc.prompt))))
