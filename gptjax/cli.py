@@ -145,6 +145,56 @@ def _cmd_export_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from gptjax.scaling import load_sweep, run_sweep
+
+    result = run_sweep(load_sweep(args.sweep_config, args.overrides), args.dir or None)
+    counts: dict[str, int] = {}
+    for row in result.rows:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    print(f"gptjax sweep: {counts} -> {result.table}")
+    print(f"next: gptjax fit {result.sweep_dir}; gptjax plot {result.sweep_dir}")
+    return 0 if counts.get("finished", 0) == len(result.rows) else 1
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from gptjax.scaling import fit_sweep
+
+    result = fit_sweep(
+        args.sweep_dir, irreducible=args.irreducible, n_boot=args.bootstrap, budgets=args.budget or ()
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(result["conventions"])
+    for name, fit in result["fits"].items():
+        print(f"{name}: {fit['form']}  ({fit['n_points']} points, {fit['n_boot']} bootstrap fits)")
+        _print_table(
+            [(f"  {k}", f"{v:.4g}  95% CI [{lo:.4g}, {hi:.4g}]") for k, v in fit["params"].items()
+             for lo, hi in [fit["ci95"][k]]]
+        )  # fmt: skip
+    for name, reason in result["skipped"].items():
+        print(f"{name}: not fitted ({reason})")
+    for opt in result["compute_optimal"]:
+        print(
+            f"compute-optimal at C = {opt['flops']:.3g}: N = {_human(opt['params'])} "
+            f"[{_human(opt['params_ci95'][0])}, {_human(opt['params_ci95'][1])}], "
+            f"D = {_human(opt['tokens'])} "
+            f"[{_human(opt['tokens_ci95'][0])}, {_human(opt['tokens_ci95'][1])}] tokens"
+        )
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from gptjax.scaling import plot_run, plot_sweep
+
+    path = Path(args.path)
+    plot = plot_sweep if (path / "sweep.json").exists() else plot_run
+    for png in plot(path, args.out or None):
+        print(png)
+    return 0
+
+
 # --------------------------------------------------------------------------------------
 
 
@@ -206,6 +256,25 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run directory (or checkpoint)")
     p.add_argument("hf_dir", help="the directory to write")
     p.set_defaults(func=_cmd_export_hf)
+
+    p = sub.add_parser("sweep", help="run a scaling-law sweep (skips finished runs, resumes the others)")
+    p.add_argument("sweep_config", help="a .py file defining get_sweep() -> gptjax.scaling.Sweep")
+    p.add_argument("overrides", nargs="*", help="section.field=value, applied to the sweep's base config")
+    p.add_argument("--dir", default="", help="the sweep directory (default: sweeps/<name>)")
+    p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("fit", help="fit scaling laws (with bootstrap intervals) to a sweep's results")
+    p.add_argument("sweep_dir")
+    p.add_argument("--irreducible", action="store_true", help="add an irreducible loss E to L(N), L(D), L(C)")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap refits for the intervals")
+    p.add_argument("--budget", type=float, action="append", help="FLOPs for compute-optimal N, D (repeats)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_fit)
+
+    p = sub.add_parser("plot", help="PNG plots of a run directory or a sweep directory")
+    p.add_argument("path", help="a run directory or a sweep directory")
+    p.add_argument("--out", default="", help="where the PNGs go (default: PATH/plots)")
+    p.set_defaults(func=_cmd_plot)
     return parser
 
 
