@@ -152,6 +152,16 @@ class Checkpointer:
         args = ocp.args.Composite(params=ocp.args.StandardRestore(to_nested(abstract_params)))
         return from_nested(abstract_params, self._manager.restore(step, args=args)["params"])
 
+    def set_aside(self, step: int) -> Path:
+        """Rename an unreadable step out of orbax's way (kept for inspection, never deleted)."""
+        target = self.directory / f"{step}.unreadable"
+        n = 1
+        while target.exists():
+            target, n = self.directory / f"{step}.unreadable-{n}", n + 1
+        (self.directory / str(step)).rename(target)
+        self._manager.reload()
+        return target
+
     def has_train_state(self, step: int) -> bool:
         return (self.directory / str(step) / "train").is_dir()
 

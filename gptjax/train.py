@@ -456,18 +456,15 @@ def _restore_or_init(config: Config, setup: Setup, ckpt: Checkpointer, logger: M
     for step in steps:
         try:
             meta = ckpt.read_meta(step)
-        except Exception as e:  # orbax raises many types for a damaged directory
-            logger.warn(
-                f"checkpoint at step {step} is unreadable ({type(e).__name__}); trying the previous one"
-            )
-            continue
-        _check_compatible(meta, config, step, ckpt.directory)
-        try:
+            _check_compatible(meta, config, step, ckpt.directory)
             state = ckpt.restore(step, setup.abstract_state)
-        except Exception as e:
+        except GptjaxError:
+            raise
+        except Exception as e:  # orbax raises many types for a damaged directory
+            moved = ckpt.set_aside(step) if jax.process_index() == 0 else None
             logger.warn(
-                f"checkpoint at step {step} is unreadable ({type(e).__name__}: {str(e)[:200]}); "
-                "trying the previous one"
+                f"checkpoint at step {step} is unreadable ({type(e).__name__}: {str(e)[:160]}); "
+                f"moved to {moved}, trying the previous one"
             )
             continue
         logger.print(f"gptjax: resuming {ckpt.directory.parent} from step {step}")

@@ -1,0 +1,190 @@
+"""Faults during training: NaNs, damaged or leftover checkpoints, failed saves, re-runs."""
+
+import importlib
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from gptjax.checkpoint import Checkpointer
+from gptjax.config import load_config
+from gptjax.errors import GptjaxError
+
+train_lib = importlib.import_module("gptjax.train")
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTJAX_CACHE_DIR", str(tmp_path / "cache"))
+    text_dir = tmp_path / "text"
+    text_dir.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(30):
+        (text_dir / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(["ab", "cd", "ef", "gh"], 300)))
+    return text_dir
+
+
+def _config(corpus, run_dir, *overrides):
+    return load_config(
+        "nano",
+        [
+            f"data.source={corpus}",
+            "data.val_fraction=0.1",
+            f"train.run_dir={run_dir}",
+            "model.block_size=32",
+            "train.steps=6",
+            "train.batch_size=8",
+            "train.log_every=1",
+            "train.eval_every=0",
+            "train.eval_max_batches=1",
+            "train.checkpoint_every=2",
+            "optim.warmup_steps=1",
+            "sample.max_new_tokens=2",
+            *overrides,
+        ],
+    )
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _same(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _poison(steps):
+    """A batch hook that makes the given (0-based) steps' loss NaN.
+
+    A token id past the vocabulary gathers NaN from the embedding table (jnp.take's
+    out-of-bounds fill), as corrupt data would.
+    """
+
+    def hook(step, batch):
+        if step in steps:
+            batch = batch.copy()
+            batch[0, 0] = 10**6
+        return batch
+
+    return hook
+
+
+def test_a_nan_step_is_skipped_and_training_continues(corpus, tmp_path):
+    clean = train_lib.train(_config(corpus, tmp_path / "clean"), stop_at=2)
+    poisoned = train_lib.train(_config(corpus, tmp_path / "poisoned"), stop_at=3, batch_hook=_poison({2}))
+    # Step 3 (0-based step 2) was skipped: parameters and optimizer state are step 2's.
+    _same(clean.state.params, poisoned.state.params)
+    _same(clean.state.opt_state, poisoned.state.opt_state)
+    assert int(poisoned.state.step) == 3
+    rows = {r["step"]: r for r in _rows(tmp_path / "poisoned") if "loss" in r}
+    assert rows[3]["skipped"] == 1 and not np.isfinite(rows[3]["loss"])
+    assert rows[3]["skipped_total"] == 1
+    # The run resumes and finishes normally after the bad step.
+    final = train_lib.train(_config(corpus, tmp_path / "poisoned"))
+    assert final.step == 6 and np.isfinite(final.metrics["loss"]) and final.metrics["skipped"] == 0
+
+
+def test_too_many_consecutive_nans_stop_the_run(corpus, tmp_path):
+    config = _config(
+        corpus, tmp_path / "run", "train.max_bad_steps=2", "train.steps=20", "train.checkpoint_every=1"
+    )
+    good = train_lib.train(_config(corpus, tmp_path / "good", "train.steps=20"), stop_at=2)
+    with pytest.raises(GptjaxError, match="3 consecutive steps .* non-finite"):
+        train_lib.train(config, batch_hook=_poison(set(range(2, 20))))
+    # Every checkpoint holds good parameters: the last one equals step 2's.
+    ckpt = Checkpointer(tmp_path / "run" / "checkpoints", read_only=True)
+    setup = train_lib.build(config)
+    last = ckpt.restore(ckpt.latest_step(), setup.abstract_state)
+    ckpt.close()
+    _same(good.state.params, last.params)
+
+
+def _array_files(step_dir):
+    return [
+        p for p in (step_dir / "params").rglob("*") if p.is_file() and p.stat().st_size > 0 and "d" in p.parts
+    ]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(corpus, tmp_path, capsys, damage):
+    run_dir = tmp_path / "run"
+    train_lib.train(_config(corpus, run_dir), stop_at=4)
+    files = _array_files(run_dir / "checkpoints" / "4")
+    assert files, "expected array data files in the checkpoint"
+    for f in files:
+        if damage == "truncate":
+            f.write_bytes(f.read_bytes()[:8])
+        else:
+            f.unlink()
+    capsys.readouterr()
+    result = train_lib.train(_config(corpus, run_dir))
+    out, err = capsys.readouterr()
+    assert "checkpoint at step 4 is unreadable" in err
+    assert "from step 2" in out
+    assert result.step == 6
+
+
+def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    train_lib.train(_config(corpus, run_dir), stop_at=4)
+    for step in ("2", "4"):
+        for f in _array_files(run_dir / "checkpoints" / step):
+            f.unlink()
+    with pytest.raises(GptjaxError, match="no checkpoint .* is readable"):
+        train_lib.train(_config(corpus, run_dir))
+
+
+def test_a_leftover_temporary_checkpoint_is_ignored(corpus, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    train_lib.train(_config(corpus, run_dir), stop_at=2)
+    leftover = run_dir / "checkpoints" / "4.orbax-checkpoint-tmp-1234567"
+    leftover.mkdir()
+    (leftover / "junk").write_bytes(b"\x00" * 64)
+    capsys.readouterr()
+    result = train_lib.train(_config(corpus, run_dir))
+    assert "from step 2" in capsys.readouterr().out
+    assert result.step == 6
+
+
+def test_rerun_after_the_final_checkpoint_only_evaluates(corpus, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    first = train_lib.train(_config(corpus, run_dir))
+    (run_dir / "result.json").unlink()  # as if killed before the final evaluation finished
+    losses_before = [r for r in _rows(run_dir) if "loss" in r]
+    capsys.readouterr()
+    again = train_lib.train(_config(corpus, run_dir))
+    out = capsys.readouterr().out
+    assert "compiled" not in out  # no train step was built, let alone run
+    assert [r for r in _rows(run_dir) if "loss" in r] == losses_before
+    assert json.loads((run_dir / "result.json").read_text())["val_loss"] == pytest.approx(
+        first.metrics["val_loss"]
+    )
+    assert again.step == 6
+
+
+def test_a_failing_save_is_a_clear_error_and_keeps_earlier_checkpoints(corpus, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    train_lib.train(_config(corpus, run_dir), stop_at=2)
+    original = ocp.CheckpointManager.save
+
+    def full_disk(self, step, *args, **kwargs):
+        if step >= 4:
+            raise OSError(28, "No space left on device")
+        return original(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
+    with pytest.raises(
+        GptjaxError, match="step 4 .* No space left on device.*earlier checkpoints are intact"
+    ):
+        train_lib.train(_config(corpus, run_dir))
+    monkeypatch.undo()
+    ckpt = Checkpointer(run_dir / "checkpoints", read_only=True)
+    assert ckpt.all_steps() == [2]
+    ckpt.close()
+    assert train_lib.train(_config(corpus, run_dir)).step == 6
+    shutil.rmtree(run_dir)
