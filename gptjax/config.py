@@ -275,7 +275,7 @@ class SampleConfig:
 
     Attributes:
         prompt: Text the samples continue; empty starts from end-of-text.
-        num_samples: Samples drawn.
+        num_samples: Samples drawn (0: none at the end of training).
         max_new_tokens: Tokens generated per sample.
         temperature: Softmax temperature; 0 is greedy.
         top_k: Keep the k most likely tokens; 0 disables.
@@ -294,7 +294,8 @@ class SampleConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _positive(self, "num_samples", "max_new_tokens")
+        _positive(self, "max_new_tokens")
+        _check(self.num_samples >= 0, f"num_samples ({self.num_samples}) must be >= 0")
         _check(self.temperature >= 0, f"temperature ({self.temperature}) must be >= 0")
         _check(self.top_k >= 0, f"top_k ({self.top_k}) must be >= 0 (0 disables it)")
         _check(0 < self.top_p <= 1, f"top_p ({self.top_p}) must be in (0, 1]")
@@ -453,7 +454,9 @@ def _from_file(path: Path) -> Config:
         raise GptjaxError(f"config file {str(path)!r} must define get_config() returning a gptjax Config")
     config = get_config()
     if not isinstance(config, Config):
-        raise GptjaxError(f"get_config() in {str(path)!r} returned {type(config).__name__}, not a gptjax Config")
+        raise GptjaxError(
+            f"get_config() in {str(path)!r} returned {type(config).__name__}, not a gptjax Config"
+        )
     return config
 
 

@@ -77,6 +77,16 @@ class MetricsLogger:
             except ImportError:  # TensorBoard files are optional; metrics.jsonl is not
                 self._tb = None
 
+    def truncate(self, step: int) -> None:
+        """Drop rows after ``step`` (a resumed run logs those steps again)."""
+        if not self.enabled:
+            return
+        path = Path(self._jsonl.name)
+        self._jsonl.close()
+        rows = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(line + "\n" for line in rows))
+        self._jsonl = open(path, "a", buffering=1)  # noqa: SIM115
+
     def write(self, step: int, row: dict[str, Any]) -> None:
         if not self.enabled:
             return

@@ -454,6 +454,11 @@ def _restore_or_init(config: Config, setup: Setup, ckpt: Checkpointer, logger: M
     """
     steps = sorted(ckpt.all_steps(), reverse=True)
     for step in steps:
+        if not ckpt.has_train_state(step) and (ckpt.directory / str(step)).is_dir():
+            raise GptjaxError(
+                f"{ckpt.directory.parent} holds model weights only (an import), not a run to resume: "
+                f"train from it with train.init_from={ckpt.directory.parent} and another run directory"
+            )
         try:
             meta = ckpt.read_meta(step)
             _check_compatible(meta, config, step, ckpt.directory)
@@ -468,6 +473,7 @@ def _restore_or_init(config: Config, setup: Setup, ckpt: Checkpointer, logger: M
             )
             continue
         logger.print(f"gptjax: resuming {ckpt.directory.parent} from step {step}")
+        logger.truncate(step)  # rows after the checkpoint are logged again as they are redone
         return state
     if steps:
         raise GptjaxError(
@@ -570,7 +576,9 @@ def _run(config, run_dir, dataset, setup, ckpt, logger, stop_at, batch_hook) -> 
         if final_step not in ckpt.all_steps():
             ckpt.save(final_step, state, {**meta, "step": final_step}, metrics=_eval_only(ev))
     ckpt.wait()
-    samples = [] if interrupted else _samples(config, setup, state.params, dataset.tokenizer, logger)
+    samples = [] if interrupted or not config.sample.num_samples else _samples(
+        config, setup, state.params, dataset.tokenizer, logger
+    )
     if jax.process_index() == 0:
         (run_dir / "result.json").write_text(json.dumps({"step": final_step, **metrics}, indent=2))
     return TrainResult(run_dir, final_step, metrics, samples, state, interrupted)
