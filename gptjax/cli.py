@@ -194,6 +194,57 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         print(png)
     return 0
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from gptjax.finetune import FinetuneConfig, apply_overrides, finetune, load_finetune_config
+
+    if args.config:
+        config = load_finetune_config(args.config, args.overrides)
+    else:
+        config = apply_overrides(FinetuneConfig(), args.overrides)
+    result = finetune(config)
+    best = " ".join(f"{k}={v:.4g}" for k, v in result.best.items())
+    print(f"gptjax finetune: best {best}; {result.steps} steps in {result.seconds:.1f}s -> {result.run_dir}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from gptjax.evaluate import evaluate_run
+
+    result = evaluate_run(
+        args.run_dir, data=args.data, split=args.split, task=args.task, shots=args.shots,
+        shots_from=args.shots_from, seed=args.seed, batch_size=args.batch_size, max_batches=args.max_batches,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    rows: list[tuple[str, Any]] = []
+    if "lm" in result:
+        lm = result["lm"]
+        rows += [
+            ("data", f"{lm['source']} ({lm['split']} split, {lm['tokens']:,} tokens, {lm['bytes']:,} bytes)"),
+            ("loss (nats/token)", f"{lm['loss']:.4f}"),
+            ("perplexity", f"{lm['perplexity']:.3f}"),
+            ("bits per byte", f"{lm['bits_per_byte']:.4f}"),
+        ]
+    if "multiple_choice" in result:
+        mc = result["multiple_choice"]
+        rows += [
+            ("task", f"{mc['task']} ({mc['n']} questions, {mc['shots']}-shot, chance {mc['chance']:.3f})"),
+            ("accuracy", f"{mc['accuracy']:.4f} ± {mc['accuracy_stderr']:.4f}"),
+            ("accuracy, per byte", f"{mc['accuracy_norm']:.4f} ± {mc['accuracy_norm_stderr']:.4f}"),
+        ]
+    _print_table(rows)
+    return 0
+
+
+def _cmd_attention(args: argparse.Namespace) -> int:
+    from gptjax.attention_maps import attention_maps
+
+    maps = attention_maps(args.run_dir, args.prompt, args.layer, args.out)
+    print(f"gptjax attention: {maps.probs.shape[0]} heads x {len(maps.labels)} tokens -> {maps.path}")
+    return 0
+
+
 
 # --------------------------------------------------------------------------------------
 
@@ -275,6 +326,31 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="a run directory or a sweep directory")
     p.add_argument("--out", default="", help="where the PNGs go (default: PATH/plots)")
     p.set_defaults(func=_cmd_plot)
+
+    p = sub.add_parser("finetune", help="fine-tune a run on a labelled task (GPT-1 style)")
+    p.add_argument("config", nargs="?", default=None, help="a .py file: get_config() -> FinetuneConfig")
+    p.add_argument("overrides", nargs="*", help="field=value (e.g. init_from=runs/quickstart body_lr=1e-4)")
+    p.set_defaults(func=_cmd_finetune)
+
+    p = sub.add_parser("eval", help="loss, perplexity, bits per byte; zero/few-shot multiple choice")
+    p.add_argument("run_dir", help="a run directory (or checkpoint)")
+    p.add_argument("--data", default="", help="a data source (default: the run's own)")
+    p.add_argument("--split", default="val", choices=["val", "train", "all"])
+    p.add_argument("--task", default="", help="a JSONL of {context, choices, label} to score")
+    p.add_argument("--shots", type=int, default=0, help="in-context examples per question")
+    p.add_argument("--shots-from", default="", help="the JSONL split the in-context examples are drawn from")
+    p.add_argument("--seed", type=int, default=0, help="seeds the draw of in-context examples")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-batches", type=int, default=0, help="LM batches per split (0: the full pass)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("attention", help="draw every head's attention of one layer for a prompt (PNG)")
+    p.add_argument("run_dir", help="a run directory (or checkpoint)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--layer", type=int, default=0)
+    p.add_argument("--out", default="attention.png", help="the PNG to write")
+    p.set_defaults(func=_cmd_attention)
     return parser
 
 

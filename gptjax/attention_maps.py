@@ -1,0 +1,122 @@
+"""Attention maps: every head's attention probabilities of one layer, drawn as heat maps.
+
+The probabilities are recomputed from the model's weights, ``softmax(q k^T / sqrt(H))``
+under the causal mask, from the layer's own ``Attention.qkv`` applied to the hidden
+state entering that layer, so the model needs no hook and the fast attention kernels
+(which never materialise probabilities) stay as they are.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gptjax.errors import GptjaxError
+from gptjax.model import GPT, Block
+
+
+class AttentionMaps(NamedTuple):
+    """What :func:`attention_maps` returns."""
+
+    probs: np.ndarray  # (N, T, T): row t is query t's distribution over keys
+    labels: list[str]  # one per token
+    path: Path | None  # the PNG
+
+
+def layer_block(model: GPT, layer: int) -> Block:
+    """Block ``layer`` of the stacked layers, as a module."""
+    n_layer = model.config.n_layer
+    if not 0 <= layer < n_layer:
+        raise GptjaxError(f"layer {layer} does not exist: the model has layers 0..{n_layer - 1}")
+    graphdef, stacked = nnx.split(model.h)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[layer], stacked))
+
+
+def layer_input(model: GPT, tokens: jax.Array, layer: int) -> jax.Array:
+    """The residual stream (B, T, D) entering block ``layer`` for tokens (B, T)."""
+    b, t = tokens.shape
+    if t > model.config.block_size:
+        raise GptjaxError(
+            f"the prompt has {t} tokens, more than the model's block_size ({model.config.block_size})"
+        )
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    x = model.embed(tokens, positions)
+    for i in range(layer):
+        x = layer_block(model, i)(x, positions, None)[0]
+    return x
+
+
+def attention_probs(model: GPT, tokens: jax.Array, layer: int) -> jax.Array:
+    """Attention probabilities (B, N, T, T) of block ``layer`` for tokens (B, T), in float32."""
+    block = layer_block(model, layer)
+    x = layer_input(model, tokens, layer)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    q, k, _ = block.attn.qkv(block.ln_1(x), positions)  # (B, T, N, H)
+    scores = jnp.einsum("BTNH,BSNH->BNTS", q, k).astype(jnp.float32) / math.sqrt(model.config.head_dim)
+    t = tokens.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    return jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)
+
+
+def token_labels(tokenizer, tokens: list[int]) -> list[str]:
+    """Each token decoded alone, with whitespace made visible (``␣``, ``\\n``, ``\\t``)."""
+    labels = []
+    for token in tokens:
+        text = tokenizer.decode([token])
+        text = text.replace(" ", "␣").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+        labels.append(text if text else f"<{token}>")
+    return labels
+
+
+def plot_attention(probs: np.ndarray, labels: list[str], out: str | Path, title: str = "") -> Path:
+    """Draw (N, T, T) probabilities as a grid of N heat maps with token labels; write a PNG."""
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
+
+    n, t, _ = probs.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    size = max(3.0, 0.16 * t + 1.0)
+    fig = Figure(figsize=(cols * size, rows * size + 0.5), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    fontsize = max(4, min(9, 240 // max(t, 1)))
+    for head, ax in enumerate(axes):
+        if head >= n:
+            ax.axis("off")
+            continue
+        image = ax.imshow(probs[head], cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_title(f"head {head}", fontsize=9)
+        ax.set_xticks(range(t), labels, rotation=90, fontsize=fontsize, fontfamily="monospace")
+        ax.set_yticks(range(t), labels, fontsize=fontsize, fontfamily="monospace")
+        ax.set_xlabel("key", fontsize=8)
+        ax.set_ylabel("query", fontsize=8)
+    fig.colorbar(image, ax=list(axes[:n]), shrink=0.6, label="attention probability")
+    if title:
+        fig.suptitle(title)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    return out
+
+
+def attention_maps(
+    run_dir: str | Path, prompt: str, layer: int, out: str | Path | None = None
+) -> AttentionMaps:
+    """Load a run, compute layer ``layer``'s attention for ``prompt`` and (if ``out``) plot it."""
+    from gptjax.runs import load
+
+    model, _, tokenizer = load(run_dir)
+    tokens = tokenizer.encode(prompt)
+    if not tokens:
+        raise GptjaxError("the prompt is empty: give --prompt TEXT")
+    probs = np.asarray(attention_probs(model, jnp.asarray([tokens], jnp.int32), layer)[0])
+    labels = token_labels(tokenizer, tokens)
+    path = None
+    if out is not None:
+        path = plot_attention(probs, labels, out, title=f"{Path(run_dir).name}: layer {layer}")
+    return AttentionMaps(probs, labels, path)

@@ -1,0 +1,245 @@
+"""GPT-1 fine-tuning from a pretrained run: the keyword tasks, freezing, L1, unfreezing, bad input."""
+
+import dataclasses
+import importlib.util
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gptjax import load
+from gptjax.cli import main
+from gptjax.config import MODEL_PRESETS, MeshConfig, load_config
+from gptjax.errors import GptjaxError
+from gptjax.finetune import (
+    FinetuneConfig,
+    apply_overrides,
+    finetune,
+    grow_vocab,
+    init_head,
+    load_finetuned,
+    make_loss_fn,
+    predict,
+    trainable_mask,
+)
+from gptjax.finetune_data import encode, pad_to, read_examples
+from gptjax.model import GPT
+from gptjax.sharding import make_mesh
+from gptjax.tokenizer import ByteTokenizer
+from gptjax.train import train
+
+RECIPE = Path(__file__).resolve().parents[1] / "configs" / "finetune_keywords.py"
+
+
+def _recipe():
+    spec = importlib.util.spec_from_file_location("finetune_keywords_recipe", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A nano byte-level model pretrained for 120 steps on text like the tasks' (~15 s)."""
+    root = tmp_path_factory.mktemp("pretrain")
+    recipe = _recipe()
+    corpus = root / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        lines = [recipe._sentence(rng, str(rng.choice(["APPLE", "ZEBRA", "the"]))) for _ in range(200)]
+        (corpus / f"{i}.txt").write_text("\n".join(lines))
+    overrides = [f"data.source={corpus}", "data.val_fraction=0.1", "train.steps=120", "train.batch_size=16"]
+    overrides += [
+        "train.eval_every=0",
+        "train.eval_max_batches=2",
+        "optim.lr=3e-3",
+        "train.checkpoint_every=0",
+    ]
+    overrides += ["optim.warmup_steps=10", "sample.num_samples=1", f"train.run_dir={root / 'run'}"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GPTJAX_CACHE_DIR", str(root / "cache"))
+        one_device = make_mesh(MeshConfig(), jax.devices()[:1])  # 8 fake devices only slow a nano model
+        train(load_config("nano", overrides), mesh=one_device)
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    return _recipe().write_keyword_tasks(tmp_path_factory.mktemp("tasks"), n_train=400, n_val=100)
+
+
+def _config(pretrained, tasks, run_dir, files="cls", **fields):
+    return FinetuneConfig(
+        init_from=str(pretrained),
+        train_file=str(tasks / f"{files}_train.jsonl"),
+        val_file=str(tasks / f"{files}_val.jsonl"),
+        batch_size=16,
+        eval_every=25,
+        run_dir=str(run_dir),
+        **fields,
+    )
+
+
+def test_keyword_classification_reaches_95_percent(pretrained, tasks, tmp_path):
+    cfg = _config(pretrained, tasks, tmp_path / "ft", body_lr=1e-3, head_lr=3e-3, epochs=2)
+    result = finetune(cfg, log=lambda _: None)
+    assert result.best["val_accuracy"] >= 0.95, result.history
+    assert result.label_names == ["animal", "fruit"]
+    record = json.loads((tmp_path / "ft" / "finetune.json").read_text())
+    assert record["special_tokens"] == {"start": 257, "delim": 258, "extract": 259}
+    assert record["label_names"] == ["animal", "fruit"]
+    # The kept checkpoint is the best one, and it predicts as well as it validated.
+    loaded = load_finetuned(tmp_path / "ft")
+    assert loaded.model.config.vocab_size == 260
+    assert predict(loaded, tasks / "cls_val.jsonl")["accuracy"] == pytest.approx(result.best["val_accuracy"])
+    # The grown GPT alone is a run that gptjax.load (and so sample/eval/attention) accepts.
+    model, config, _ = load(tmp_path / "ft")
+    assert config.model.vocab_size == 260 and model.wte[...].shape == (260, 32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("task", "files", "body_lr", "epochs"),
+    [("multiple_choice", "mc", 3e-3, 6), ("entailment", "entail", 3e-3, 6)],
+)
+def test_other_framings_train_well_above_chance(pretrained, tasks, tmp_path, task, files, body_lr, epochs):
+    cfg = _config(
+        pretrained, tasks, tmp_path / "ft", files, task=task, body_lr=body_lr, head_lr=1e-2, epochs=epochs
+    )
+    result = finetune(cfg, log=lambda _: None)
+    assert result.best["val_accuracy"] >= 0.8, result.history  # chance is 0.5
+
+
+def test_frozen_body_is_bit_identical(pretrained, tasks, tmp_path):
+    # Similarity (both orders summed) on the entailment pairs, body frozen.
+    cfg = _config(pretrained, tasks, tmp_path / "ft", "entail", task="similarity", freeze_body=True)
+    cfg = dataclasses.replace(cfg, max_steps=6, eval_every=3, head_lr=1e-2, body_lr=1e-2)
+    finetune(cfg, log=lambda _: None)
+    before = nnx.state(load(pretrained).model)
+    tuned = load_finetuned(tmp_path / "ft")
+    after = nnx.state(tuned.model)
+    flat_before = dict(jax.tree_util.tree_flatten_with_path(before)[0])
+    flat_after = dict(jax.tree_util.tree_flatten_with_path(after)[0])
+    assert flat_before.keys() == flat_after.keys()
+    for path, old in flat_before.items():
+        new = np.asarray(flat_after[path])
+        if "wte" in jax.tree_util.keystr(path):
+            assert new.shape[0] == old.shape[0] + 3
+            new = new[: old.shape[0]]  # the special-token rows are new and train
+        np.testing.assert_array_equal(new, np.asarray(old), err_msg=jax.tree_util.keystr(path))
+    head0 = init_head(32, 2, jax.random.split(jax.random.key(cfg.seed), 4)[1])  # finetune's head key
+    assert not np.array_equal(np.asarray(tuned.head["w"]), np.asarray(head0["w"]))
+
+
+def _batch(cfg, n_layer=2):
+    rows = read_examples(cfg.train_file, cfg)[:4]
+    special = {"start": 257, "delim": 258, "extract": 259}
+    arrays = pad_to(encode(rows, cfg, ByteTokenizer(), special, ["animal", "fruit"], 64), 64)
+    return {k: jnp.asarray(v) for k, v in arrays.items()}
+
+
+def test_aux_lm_loss_reaches_the_lm_head_only_when_lambda_is_positive(tasks, tmp_path):
+    model_cfg = dataclasses.replace(MODEL_PRESETS["nano"], tie_embeddings=False)
+    model = grow_vocab(GPT(model_cfg, key=jax.random.key(0)), 3, jax.random.key(1))
+    graphdef, params = nnx.split(model)
+    head = init_head(32, 2, jax.random.key(2))
+    batch = _batch(_config("unused", tasks, tmp_path))
+    results = {}
+    for lam in (0.0, 0.5):
+        loss_fn = make_loss_fn(graphdef, "classification", lam)
+        (loss, (task_loss, lm_loss, _)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+            params, head, batch
+        )
+        results[lam] = (loss, task_loss, lm_loss, np.asarray(grads["lm_head"][...]))
+    loss, task_loss, lm_loss, lm_head_grad = results[0.0]
+    assert float(lm_loss) == 0.0 and float(loss) == float(task_loss)
+    assert not lm_head_grad.any()
+    loss, task_loss, lm_loss, lm_head_grad = results[0.5]
+    assert float(loss) == pytest.approx(float(task_loss) + 0.5 * float(lm_loss), rel=1e-6)
+    assert 3.0 < float(lm_loss) < 8.0  # an untrained model's NLL over 260 tokens is near ln 260
+    assert np.abs(lm_head_grad).sum() > 0
+
+
+def test_gradual_unfreezing_opens_layers_from_the_top(tasks, tmp_path):
+    model_cfg = dataclasses.replace(MODEL_PRESETS["nano"], n_layer=3, tie_embeddings=False, vocab_size=260)
+    params = nnx.state(nnx.eval_shape(lambda: GPT(model_cfg, key=jax.random.key(0))))  # shapes suffice
+    cfg = FinetuneConfig(unfreeze_every=10)
+
+    def opened(step, config=cfg):
+        mask = trainable_mask(params, jnp.asarray(step), config, 3, 257)
+        layers = np.asarray(mask["h"]["attn"]["c_attn"][...]).ravel().tolist()
+        wte = np.asarray(mask["wte"][...]).ravel()
+        return layers, bool(mask["ln_f"]["scale"][...]), bool(wte[:257].all()), bool(wte[257:].all())
+
+    assert opened(0) == ([False, False, True], True, False, True)
+    assert opened(9) == ([False, False, True], True, False, True)
+    assert opened(10) == ([False, True, True], True, False, True)
+    assert opened(20) == ([True, True, True], True, True, True)
+    frozen = FinetuneConfig(freeze_body=True)
+    assert opened(100, frozen) == ([False, False, False], False, False, True)
+    assert opened(0, FinetuneConfig()) == ([True, True, True], True, True, True)
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("task", "train_rows", "val_rows", "message"),
+    [
+        ("classification", [{"text": "a b", "kind": "x"}], None,
+         r"cls_train.jsonl line 1 has no column 'label'"),
+        ("classification", None, [{"text": "a", "label": "fruit"}, {"text": "b", "label": "vegetable"}],
+         r"bad_val.jsonl line 2: unknown label 'vegetable'"),
+        ("multiple_choice", [{"text": "a", "choices": ["x", "y"], "label": 0},
+                             {"text": "b", "choices": ["only"], "label": 0}], None,
+         r"bad_train.jsonl line 2: a multiple-choice row needs a list of at least 2 choices"),
+        ("classification", [{"text": "a", "label": "fruit"}, {"text": "b", "label": "animal"},
+                            {"text": "c" * 70, "label": "fruit"}], None,
+         r"bad_train.jsonl line 3: the framed sequence has 72 tokens, more than the context \(64\)"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_reported_with_its_row(pretrained, tasks, tmp_path, task, train_rows, val_rows, message):
+    train = (
+        tasks / "cls_train.jsonl" if train_rows is None else _write(tmp_path / "bad_train.jsonl", train_rows)
+    )
+    if train_rows and "kind" in train_rows[0]:
+        train = _write(tmp_path / "cls_train.jsonl", train_rows)
+    val = tasks / "cls_val.jsonl" if val_rows is None else _write(tmp_path / "bad_val.jsonl", val_rows)
+    cfg = FinetuneConfig(
+        init_from=str(pretrained),
+        task=task,
+        train_file=str(train),
+        val_file=str(val),
+        run_dir=str(tmp_path / "ft"),
+    )
+    with pytest.raises(GptjaxError, match=message):
+        finetune(cfg, log=lambda _: None)
+
+
+def test_overrides_are_type_checked():
+    cfg = apply_overrides(FinetuneConfig(), ["body_lr=1e-4", "freeze_body=true", "finetune.task=similarity"])
+    assert (cfg.body_lr, cfg.freeze_body, cfg.task) == (1e-4, True, "similarity")
+    with pytest.raises(GptjaxError, match="unknown fine-tune config key 'lamda'"):
+        apply_overrides(FinetuneConfig(), ["lamda=0.5"])
+    with pytest.raises(GptjaxError, match="epochs='two' is not an integer"):
+        apply_overrides(FinetuneConfig(), ["epochs=two"])
+    with pytest.raises(GptjaxError, match="task"):
+        apply_overrides(FinetuneConfig(), ["task=regression"])
+
+
+def test_cli_runs_the_recipe(pretrained, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the recipe writes data/keywords here
+    args = ["finetune", str(RECIPE), f"init_from={pretrained}", "max_steps=4", "eval_every=2", "run_dir=ft"]
+    assert main(args) == 0
+    assert "gptjax finetune: best val_loss=" in capsys.readouterr().out
+    assert (tmp_path / "data" / "keywords" / "cls_train.jsonl").exists()
+    assert main(["finetune", str(RECIPE), "bogus=1"]) == 2
+    assert "unknown fine-tune config key 'bogus'" in capsys.readouterr().err
+    assert main(["finetune", str(RECIPE), f"init_from={pretrained}", "run_dir=ft"]) == 2  # no overwriting
