@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +71,20 @@ class MetricsLogger:
         self._jsonl = None
         self._tb = None
         self._t0 = time.perf_counter()
+        self._bar = None
+        if enabled and sys.stdout.isatty():
+            # A live bar under the log lines (rich redirects prints above it).
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[stats]}"),
+                TimeRemainingColumn(),
+            )
+            self._task = self._bar.add_task("train", total=total_steps, stats="")
+            self._bar.start()
         if enabled:
             self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
             try:
@@ -83,8 +100,17 @@ class MetricsLogger:
             return
         path = Path(self._jsonl.name)
         self._jsonl.close()
-        rows = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
-        path.write_text("".join(line + "\n" for line in rows))
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    rows.append(line)
+            except json.JSONDecodeError:  # the last line of a process killed mid-write
+                continue
+        # Replaced, not rewritten in place: a kill here must not leave an empty file.
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text("".join(line + "\n" for line in rows))
+        os.replace(temporary, path)
         self._jsonl = open(path, "a", buffering=1)  # noqa: SIM115
 
     def write(self, step: int, row: dict[str, Any]) -> None:
@@ -119,8 +145,12 @@ class MetricsLogger:
             parts.append(f"MFU {100 * row['mfu']:.1f}%")
         parts.append(f"{time.perf_counter() - self._t0:.0f}s")
         print(" | ".join(parts), file=sys.stdout, flush=True)
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, stats=" | ".join(parts[1:-1]))
 
     def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
         if self._jsonl is not None:
             self._jsonl.close()
         if self._tb is not None:
@@ -131,3 +161,49 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()
     return value
+
+
+class StepTimer:
+    """Where a step's time goes: waiting for data, compute, checkpoint stalls.
+
+    Throughput counts only training time: evaluation and checkpoint saves are paused out.
+    """
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.paused = self.data_wait = self.ckpt_stall = 0.0
+        self.first_step_done: float | None = None
+
+    def wait(self, stream: Iterator) -> Iterator:
+        while True:
+            t = time.perf_counter()
+            item = next(stream, None)
+            self.data_wait += time.perf_counter() - t
+            if item is None:
+                return
+            yield item
+
+    @contextmanager
+    def pause(self, stall: bool = False):
+        t = time.perf_counter()
+        yield
+        elapsed = time.perf_counter() - t
+        self.paused += elapsed
+        if stall:
+            self.ckpt_stall += elapsed
+
+    def rates(self, steps: int, tokens_per_step: int, flops_per_tok: float, peak_total: float) -> dict:
+        elapsed = time.perf_counter() - self.t0 - self.paused
+        tokens_per_sec = steps * tokens_per_step / elapsed
+        return {
+            "tokens_per_sec": tokens_per_sec,
+            "step_time": elapsed / steps,
+            "mfu": flops_per_tok * tokens_per_sec / peak_total if peak_total else 0.0,
+            "data_wait": self.data_wait / steps,
+            "checkpoint_stall": self.ckpt_stall / steps,
+        }
+
+
+def peak_memory() -> dict:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return {"peak_memory_bytes": stats["peak_bytes_in_use"]} if "peak_bytes_in_use" in stats else {}

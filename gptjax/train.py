@@ -15,8 +15,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -31,7 +30,7 @@ from gptjax import sharding
 from gptjax.checkpoint import Checkpointer
 from gptjax.config import Config, OptimConfig, flops_per_token
 from gptjax.errors import GptjaxError
-from gptjax.metrics import MetricsLogger, peak_flops
+from gptjax.metrics import MetricsLogger, StepTimer, peak_flops, peak_memory
 from gptjax.model import GPT
 
 # Parameters that weight decay applies to: the weight matrices. Embeddings join them when
@@ -363,52 +362,6 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-class _StepTimer:
-    """Where a step's time goes: waiting for data, compute, checkpoint stalls.
-
-    Throughput counts only training time: evaluation and checkpoint saves are paused out.
-    """
-
-    def __init__(self):
-        self.t0 = time.perf_counter()
-        self.paused = self.data_wait = self.ckpt_stall = 0.0
-        self.first_step_done: float | None = None
-
-    def wait(self, stream: Iterator) -> Iterator:
-        while True:
-            t = time.perf_counter()
-            item = next(stream, None)
-            self.data_wait += time.perf_counter() - t
-            if item is None:
-                return
-            yield item
-
-    @contextmanager
-    def pause(self, stall: bool = False):
-        t = time.perf_counter()
-        yield
-        elapsed = time.perf_counter() - t
-        self.paused += elapsed
-        if stall:
-            self.ckpt_stall += elapsed
-
-    def rates(self, steps: int, tokens_per_step: int, flops_per_tok: float, peak_total: float) -> dict:
-        elapsed = time.perf_counter() - self.t0 - self.paused
-        tokens_per_sec = steps * tokens_per_step / elapsed
-        return {
-            "tokens_per_sec": tokens_per_sec,
-            "step_time": elapsed / steps,
-            "mfu": flops_per_tok * tokens_per_sec / peak_total if peak_total else 0.0,
-            "data_wait": self.data_wait / steps,
-            "checkpoint_stall": self.ckpt_stall / steps,
-        }
-
-
-def _memory() -> dict:
-    stats = jax.local_devices()[0].memory_stats() or {}
-    return {"peak_memory_bytes": stats["peak_bytes_in_use"]} if "peak_bytes_in_use" in stats else {}
-
-
 # --------------------------------------------------------------------------------------
 # The loop
 
@@ -522,7 +475,7 @@ def _run(config, run_dir, dataset, setup, ckpt, logger, stop_at, batch_hook) -> 
         ).compile()
         compile_time = time.perf_counter() - t_compile
         logger.print(f"gptjax: train step compiled in {compile_time:.1f}s")
-        timer = _StepTimer()
+        timer = StepTimer()
         bad_run = skipped_total = 0
         pending = None  # the previous step's metrics: read one step late to keep a step in flight
         stream = batches.prefetch(start, tc.steps, config.data.prefetch)
@@ -555,6 +508,9 @@ def _run(config, run_dir, dataset, setup, ckpt, logger, stop_at, batch_hook) -> 
                     logger.write(done, ev)
                     logger.progress(done, ev)
                     metrics.update(ev)
+                if tc.sample_every and done % tc.sample_every == 0 and done != tc.steps:
+                    with timer.pause():
+                        _samples(config, setup, state.params, dataset.tokenizer, logger)
                 stopping = stop.at(done) or done == stop_at
                 if stopping or (tc.checkpoint_every and done % tc.checkpoint_every == 0 and done != tc.steps):
                     with timer.pause(stall=True):
@@ -566,7 +522,7 @@ def _run(config, run_dir, dataset, setup, ckpt, logger, stop_at, batch_hook) -> 
                     logger.print(f"gptjax: stop requested; saved step {done}, exiting")
                     break
         stream.close()  # stops the prefetch thread
-        logger.write(int(state.step), {"compile_time": compile_time, **_memory()})
+        logger.write(int(state.step), {"compile_time": compile_time, **peak_memory()})
     final_step = int(state.step)
     if not interrupted:
         ev = evaluate(setup, state.params, dataset.val, config, bytes_per_token)
@@ -576,8 +532,10 @@ def _run(config, run_dir, dataset, setup, ckpt, logger, stop_at, batch_hook) -> 
         if final_step not in ckpt.all_steps():
             ckpt.save(final_step, state, {**meta, "step": final_step}, metrics=_eval_only(ev))
     ckpt.wait()
-    samples = [] if interrupted or not config.sample.num_samples else _samples(
-        config, setup, state.params, dataset.tokenizer, logger
+    samples = (
+        []
+        if interrupted or not config.sample.num_samples
+        else _samples(config, setup, state.params, dataset.tokenizer, logger)
     )
     if jax.process_index() == 0:
         (run_dir / "result.json").write_text(json.dumps({"step": final_step, **metrics}, indent=2))
@@ -593,6 +551,8 @@ def _samples(config: Config, setup: Setup, params, tokenizer, logger) -> list[st
     from gptjax.sample import SamplingParams, generate
 
     sc = config.sample
+    if not sc.num_samples:
+        return []
     model = nnx.merge(setup.graphdef, params)
     max_new = min(sc.max_new_tokens, config.model.block_size - max(1, len(tokenizer.encode(sc.prompt))))
     out = generate(

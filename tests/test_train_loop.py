@@ -71,8 +71,10 @@ def _assert_trees_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_exact_resume_is_bitwise(corpus, tmp_path):
-    straight = train_lib.train(_config(corpus, tmp_path / "straight"))
+def test_exact_resume_is_bitwise(corpus, tmp_path, capsys):
+    # The straight run also prints samples at step 5: sampling must not perturb training.
+    straight = train_lib.train(_config(corpus, tmp_path / "straight", "train.sample_every=5"))
+    assert capsys.readouterr().out.count("--- sample 0 ---") == 2  # step 5 and the end
     first = train_lib.train(_config(corpus, tmp_path / "resumed"), stop_at=5)
     assert first.interrupted and first.step == 5
     assert Checkpointer(tmp_path / "resumed" / "checkpoints").latest_step() == 5
