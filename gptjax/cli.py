@@ -77,6 +77,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.run_dir:
         overrides.append(f"train.run_dir={args.run_dir}")
+    if args.dry_run:
+        from gptjax.preflight import dry_run, format_report
+
+        report = dry_run(
+            load_config(args.config, overrides), n_devices=args.devices, device_memory=args.device_memory
+        )
+        print(json.dumps(report, indent=2) if args.json else format_report(report))
+        return 0 if report["fits"] else 1
     result = train(load_config(args.config, overrides), stop_at=args.stop_at)
     return 0 if result.step >= 0 else 1
 
@@ -272,6 +280,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.field=value")
     p.add_argument("--run-dir", default="")
     p.add_argument("--stop-at", type=int, default=None, help="save and stop after this step (resume later)")
+    p.add_argument(
+        "--dry-run", action="store_true", help="compile the step, print its memory and whether it fits"
+    )
+    p.add_argument("--devices", type=int, default=0, help="dry run: target mesh size (default: visible)")
+    p.add_argument("--device-memory", type=float, default=0, help="dry run: bytes per target device")
+    p.add_argument("--json", action="store_true", help="dry run: print the report as JSON")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("launch", help="run a gptjax command as N local processes (multi-host on one machine)")

@@ -147,19 +147,20 @@ class Attention(nnx.Module):
 
     def _attend(self, q, k, v, *, mask, dropout_key):
         cfg = self.cfg
-        if dropout_key is not None and cfg.attn_dropout > 0:
-            # Dropout on probabilities needs them materialised: the plain XLA formulation.
-            scores = jnp.einsum("BTNH,BSNH->BNTS", q, k).astype(jnp.float32) / math.sqrt(cfg.head_dim)
-            t, s = q.shape[1], k.shape[1]
-            causal = jnp.tril(jnp.ones((t, s), bool), s - t)
-            scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
-            probs = _dropout(jax.nn.softmax(scores, -1), cfg.attn_dropout, dropout_key)
-            return jnp.einsum("BNTS,BSNH->BTNH", probs.astype(v.dtype), v)
         if mask is not None:
             return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
-        return jax.nn.dot_product_attention(
-            q, k, v, is_causal=True, implementation=attention_implementation(cfg)
-        )
+        if attention_implementation(cfg) == "cudnn" and (dropout_key is None or cfg.attn_dropout == 0):
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        # The plain formulation. Dropout on probabilities needs them materialised; without
+        # dropout it is still ~1.5x faster on CPU than jax.nn.dot_product_attention's XLA
+        # path (fwd + bwd, gpt2 shape): scaling q (T*H per head) not the scores (T*T).
+        q = q * jnp.asarray(1 / math.sqrt(cfg.head_dim), q.dtype)
+        scores = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32)
+        t, s = q.shape[1], k.shape[1]
+        causal = jnp.tril(jnp.ones((t, s), bool), s - t)
+        scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+        probs = _dropout(jax.nn.softmax(scores, -1), cfg.attn_dropout, dropout_key)
+        return jnp.einsum("BNTS,BSNH->BTNH", probs.astype(v.dtype), v)
 
 
 class MLP(nnx.Module):
