@@ -201,9 +201,15 @@ class StepTimer:
             "mfu": flops_per_tok * tokens_per_sec / peak_total if peak_total else 0.0,
             "data_wait": self.data_wait / steps,
             "checkpoint_stall": self.ckpt_stall / steps,
+            "compute_time": (elapsed - self.data_wait) / steps,  # saves are already paused out
         }
 
 
 def peak_memory() -> dict:
+    """Peak device memory where the backend reports it; else the process's peak RSS (CPU)."""
     stats = jax.local_devices()[0].memory_stats() or {}
-    return {"peak_memory_bytes": stats["peak_bytes_in_use"]} if "peak_bytes_in_use" in stats else {}
+    if "peak_bytes_in_use" in stats:
+        return {"peak_memory_bytes": stats["peak_bytes_in_use"]}
+    import resource
+
+    return {"peak_host_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
