@@ -17,17 +17,6 @@ from gptjax.errors import GptjaxError
 train_lib = importlib.import_module("gptjax.train")
 
 
-@pytest.fixture
-def corpus(tmp_path, monkeypatch):
-    monkeypatch.setenv("GPTJAX_CACHE_DIR", str(tmp_path / "cache"))
-    text_dir = tmp_path / "text"
-    text_dir.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(30):
-        (text_dir / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(["ab", "cd", "ef", "gh"], 300)))
-    return text_dir
-
-
 def _config(corpus, run_dir, *overrides):
     return load_config(
         "nano",

@@ -27,18 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def corpus(tmp_path, monkeypatch):
-    monkeypatch.setenv("GPTJAX_CACHE_DIR", str(tmp_path / "cache"))
-    text_dir = tmp_path / "text"
-    text_dir.mkdir()
-    rng = np.random.default_rng(0)
-    words = ["alpha", "beta", "gamma", "delta", "def", "return", "class", "import"]
-    for i in range(40):
-        (text_dir / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(words, 300)) + "\n")
-    return text_dir
-
-
 def _overrides(corpus, *extra):
     return [
         f"data.source={corpus}",

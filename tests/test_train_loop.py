@@ -25,19 +25,6 @@ train_lib = importlib.import_module("gptjax.train")
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def corpus(tmp_path, monkeypatch):
-    """A small local text corpus and a private token-store cache."""
-    monkeypatch.setenv("GPTJAX_CACHE_DIR", str(tmp_path / "cache"))
-    text_dir = tmp_path / "text"
-    text_dir.mkdir()
-    rng = np.random.default_rng(0)
-    words = ["alpha", "beta", "gamma", "delta", "def", "return", "class", "import"]
-    for i in range(40):
-        (text_dir / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(words, 300)) + "\n")
-    return str(text_dir)
-
-
 def _config(corpus, run_dir, *overrides):
     return load_config(
         "nano",
