@@ -439,27 +439,36 @@ def _with_model_preset(name: str) -> Config:
     return Config(name=name, model=model, data=DataConfig(tokenizer=tokenizer))
 
 
-def _from_file(path: Path) -> Config:
+def load_recipe(path: str | Path, function: str, expected: type, what: str) -> Any:
+    """Import a user's Python file and return ``function()``, checked to be an ``expected``.
+
+    Config, sweep and fine-tune files all load here, so a missing file, a file that fails
+    to import, or a wrong return type gives the same kind of one-line error.
+    """
+    path = Path(path)
     if not path.is_file():
-        raise GptjaxError(f"config file {str(path)!r} does not exist")
-    spec = importlib.util.spec_from_file_location(f"gptjax_user_config_{path.stem}", path)
-    assert spec is not None and spec.loader is not None
+        raise GptjaxError(f"{what} {str(path)!r} does not exist: give a .py file defining {function}()")
+    spec = importlib.util.spec_from_file_location(f"gptjax_recipe_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
+        result = getattr(module, function)() if hasattr(module, function) else None
     except GptjaxError:
         raise
     except Exception as e:  # A user's file failed to import: say which and why.
-        raise GptjaxError(f"config file {str(path)!r} failed to load: {type(e).__name__}: {e}") from e
-    get_config = getattr(module, "get_config", None)
-    if get_config is None:
-        raise GptjaxError(f"config file {str(path)!r} must define get_config() returning a gptjax Config")
-    config = get_config()
-    if not isinstance(config, Config):
+        raise GptjaxError(f"{what} {str(path)!r} failed to load: {type(e).__name__}: {e}") from e
+    if result is None:
+        raise GptjaxError(f"{what} {str(path)!r} must define {function}() returning a {expected.__name__}")
+    if not isinstance(result, expected):
         raise GptjaxError(
-            f"get_config() in {str(path)!r} returned {type(config).__name__}, not a gptjax Config"
+            f"{function}() in {str(path)!r} returned {type(result).__name__}, "
+            f"not a gptjax {expected.__name__}"
         )
-    return config
+    return result
+
+
+def _from_file(path: Path) -> Config:
+    return load_recipe(path, "get_config", Config, "config file")
 
 
 def apply_overrides(config: Config, overrides: list[str] | tuple[str, ...]) -> Config:

@@ -44,7 +44,7 @@ from flax import nnx
 
 from gptjax import finetune_data as fdata
 from gptjax.checkpoint import Checkpointer
-from gptjax.config import Config, _parse_value
+from gptjax.config import Config, _parse_value, load_recipe
 from gptjax.errors import GptjaxError
 from gptjax.model import GPT
 from gptjax.train import weight_decay_mask
@@ -129,17 +129,7 @@ class FinetuneConfig:
 
 def load_finetune_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> FinetuneConfig:
     """A ``.py`` file's ``get_config()`` plus ``field=value`` overrides, type-checked."""
-    import importlib.util
-
-    path = Path(path)
-    if not path.is_file():
-        raise GptjaxError(f"fine-tune config {str(path)!r} does not exist: give a .py file with get_config()")
-    spec = importlib.util.spec_from_file_location(f"gptjax_finetune_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = getattr(module, "get_config", lambda: None)()
-    if not isinstance(config, FinetuneConfig):
-        raise GptjaxError(f"get_config() in {str(path)!r} must return a gptjax.finetune.FinetuneConfig")
+    config = load_recipe(path, "get_config", FinetuneConfig, "fine-tune config")
     return apply_overrides(config, overrides)
 
 

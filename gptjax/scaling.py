@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib.util
 import itertools
 import json
 import math
@@ -29,7 +28,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from gptjax.config import Config, apply_overrides, flops_per_token, param_counts
+from gptjax.config import Config, apply_overrides, flops_per_token, load_recipe, param_counts
 from gptjax.errors import GptjaxError
 
 ALIASES = {"lr": "optim.lr", "seed": "train.seed"}
@@ -98,20 +97,7 @@ class SweepResult(NamedTuple):
 
 def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
     """Load ``get_sweep()`` from a Python file; ``overrides`` apply to its base config."""
-    path = Path(path)
-    if not path.is_file():
-        raise GptjaxError(f"sweep config {str(path)!r} does not exist: give a .py file defining get_sweep()")
-    spec = importlib.util.spec_from_file_location(f"gptjax_sweep_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except GptjaxError:
-        raise
-    except Exception as e:  # A user's file failed to import: say which and why.
-        raise GptjaxError(f"sweep config {str(path)!r} failed to load: {type(e).__name__}: {e}") from e
-    sweep = getattr(module, "get_sweep", lambda: None)()
-    if not isinstance(sweep, Sweep):
-        raise GptjaxError(f"sweep config {str(path)!r} must define get_sweep() returning a scaling.Sweep")
+    sweep = load_recipe(path, "get_sweep", Sweep, "sweep config")
     return dataclasses.replace(sweep, base=apply_overrides(sweep.base, list(overrides)))
 
 
@@ -597,7 +583,10 @@ def _metrics(run_dir: Path) -> dict[str, dict[int, dict]]:
     eval_rows: dict[int, dict] = {}
     path = run_dir / "metrics.jsonl"
     for line in path.read_text().splitlines() if path.exists() else []:
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # the last line of a process killed mid-write
+            continue
         (train_rows if "loss" in row else eval_rows if "val_loss" in row else {})[row["step"]] = row
     return {"train": dict(sorted(train_rows.items())), "eval": dict(sorted(eval_rows.items()))}
 
