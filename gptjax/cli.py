@@ -99,6 +99,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             prompts = [Path(args.prompt_file).read_text(encoding="utf-8")]
         except (OSError, UnicodeDecodeError) as e:
             raise GptjaxError(f"cannot read --prompt-file {args.prompt_file!r}: {e}") from e
+    if args.num_samples < 1:
+        raise GptjaxError(f"--num-samples ({args.num_samples}) must be >= 1")
     prompts = prompts * args.num_samples
     params = SamplingParams(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p
@@ -257,8 +259,15 @@ def _cmd_attention(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one line on stderr (exit 2), like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gptjax", description="GPT language models in JAX.")
+    parser = _Parser(prog="gptjax", description="GPT language models in JAX.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -130,22 +130,62 @@ def _file_identity(files: list[Path]) -> list[tuple[str, int, int]]:
 
 
 def _read_documents(files: list[Path], text_field: str) -> Iterator[str]:
+    """Each file's text (a JSONL file: each line's ``text_field``).
+
+    Text must be UTF-8. A file that is not (binary data, another encoding), that holds NUL
+    bytes, or that cannot be read stops the build with an error naming it: training on
+    replacement characters would be silently wrong, and skipping files would change the
+    corpus without saying so.
+    """
     for path in files:
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-            if not path.name.removesuffix(".gz").endswith(".jsonl"):
-                yield f.read()
+        try:
+            yield from _file_documents(path, text_field)
+        except UnicodeDecodeError as e:
+            byte = e.object[e.start : e.start + 1].hex()
+            raise GptjaxError(
+                f"{str(path)!r} is not UTF-8 text (byte 0x{byte}: {e.reason}): convert it to UTF-8 "
+                "(iconv -t utf-8) or remove it from data.source"
+            ) from e
+        except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+            raise GptjaxError(
+                f"cannot read {str(path)!r} ({type(e).__name__}: {e}): fix or remove the file"
+            ) from e
+
+
+def _file_documents(path: Path, text_field: str) -> Iterator[str]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        if not path.name.removesuffix(".gz").endswith(".jsonl"):
+            text = f.read()
+            if "\x00" in text:
+                raise GptjaxError(
+                    f"{str(path)!r} holds NUL bytes, so it is binary, not text: remove it from "
+                    "data.source (token ids belong in a .bin or .npy token file)"
+                )
+            yield text
+            return
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
                 continue
-            for line_number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
+            where = f"line {line_number} of {str(path)!r}"
+            try:
                 record = json.loads(line)
-                if text_field not in record:
-                    raise GptjaxError(
-                        f"line {line_number} of {str(path)!r} has no {text_field!r} key: set "
-                        f"data.text_field to one of {sorted(record)}"
-                    )
-                yield record[text_field]
+            except json.JSONDecodeError as e:
+                raise GptjaxError(f"{where} is not valid JSON ({e.msg}): fix or remove the line") from e
+            if not isinstance(record, dict):
+                raise GptjaxError(
+                    f"{where} is a JSON {type(record).__name__}, not an object with a text field"
+                )
+            if text_field not in record:
+                raise GptjaxError(
+                    f"{where} has no {text_field!r} key: set data.text_field to one of {sorted(record)}"
+                )
+            if not isinstance(record[text_field], str):
+                raise GptjaxError(
+                    f"{where}: {text_field!r} is a {type(record[text_field]).__name__}, not a string: "
+                    "set data.text_field to the key holding the text"
+                )
+            yield record[text_field]
 
 
 def _import_tfds() -> Any:
@@ -319,9 +359,17 @@ def _copy_tokens(writers: dict[str, _SplitWriter], path: Path, tokenizer: Tokeni
     """Copies a pre-tokenized file (and a ``val`` file beside a ``train`` one); returns the hash."""
     content = hashlib.blake2b(digest_size=16)
     for split, source in zip(SPLITS, _token_files(path), strict=False):
-        tokens = (
-            np.load(source, mmap_mode="r") if source.suffix == ".npy" else np.memmap(source, np.uint16, "r")
-        )
+        try:
+            tokens = (
+                np.load(source, mmap_mode="r")
+                if source.suffix == ".npy"
+                else np.memmap(source, np.uint16, "r")
+            )
+        except (ValueError, OSError, EOFError) as e:  # not a .npy file, odd or empty .bin
+            raise GptjaxError(
+                f"cannot read token file {str(source)!r} ({e}): a .bin holds uint16 ids (an even, "
+                "non-zero number of bytes), a .npy a 1-D integer array written by numpy.save"
+            ) from e
         if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
             raise GptjaxError(
                 f"token file {str(source)!r} must hold a flat integer array, not {tokens.dtype}"

@@ -205,7 +205,12 @@ def to_hf(model: GPT, path: str | Path, *, eos_token_id: int | None = None) -> P
         else:  # HF's head sits outside its "transformer" module
             tensors[("" if name == "lm_head" else "transformer.") + _hf_name(name)] = value
     directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, or no permission
+        raise GptjaxError(
+            f"cannot create directory {str(directory)!r} ({e.strerror}): give a new path"
+        ) from e
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     hf_config = {
         "architectures": ["GPT2LMHeadModel"],
@@ -256,9 +261,14 @@ def _read_hf_config(directory: Path) -> dict:
     if not file.is_file():
         raise GptjaxError(f"{directory} has no config.json: give a directory written by save_pretrained")
     try:
-        return json.loads(file.read_text())
+        hf = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise GptjaxError(f"{file} is not valid JSON ({e.msg}, line {e.lineno})") from e
+    if not isinstance(hf, dict):
+        raise GptjaxError(
+            f"{file} holds a JSON {type(hf).__name__}, not a JSON object: is it a GPT-2 config?"
+        )
+    return hf
 
 
 def _model_config(hf: dict, directory: Path) -> ModelConfig:
@@ -302,8 +312,15 @@ def _read_tensors(directory: Path) -> dict[str, np.ndarray | jax.Array]:
     from safetensors.flax import load_file as load_to_device  # numpy has no bfloat16
 
     def load_file(file: Path) -> dict[str, jax.Array]:
-        with jax.default_device(jax.devices("cpu")[0]):
-            return load_to_device(file)
+        from safetensors import SafetensorError
+
+        try:
+            with jax.default_device(jax.devices("cpu")[0]):
+                return load_to_device(file)
+        except (SafetensorError, OSError) as e:
+            raise GptjaxError(
+                f"{file} is not a readable safetensors file ({e}): download or convert it again"
+            ) from e
 
     if (directory / "model.safetensors").is_file():
         return load_file(directory / "model.safetensors")

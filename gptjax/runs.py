@@ -55,8 +55,19 @@ def load_params(path: str | Path, abstract_params: nnx.State) -> tuple[nnx.State
     try:
         meta = ckpt.read_meta(step)
         return ckpt.restore_params(step, abstract_params), meta
+    except GptjaxError:
+        raise
+    except Exception as e:  # orbax raises many types for a damaged directory
+        raise _unreadable(directory, step, e) from e
     finally:
         ckpt.close()
+
+
+def _unreadable(directory: Path, step: int, e: Exception) -> GptjaxError:
+    return GptjaxError(
+        f"the checkpoint at step {step} in {str(directory)!r} cannot be read ({type(e).__name__}: "
+        f"{str(e)[:160]}): it is damaged; give an earlier step's directory ({directory}/STEP)"
+    )
 
 
 def read_config(path: str | Path) -> tuple[Config, dict]:
@@ -65,6 +76,8 @@ def read_config(path: str | Path) -> tuple[Config, dict]:
     ckpt = Checkpointer(directory, read_only=True)
     try:
         meta = ckpt.read_meta(step)
+    except Exception as e:  # orbax raises many types for a damaged directory
+        raise _unreadable(directory, step, e) from e
     finally:
         ckpt.close()
     return Config.from_dict(meta["config"]), meta
@@ -93,7 +106,12 @@ def load(path: str | Path, *, shardings: nnx.State | None = None) -> Loaded:
 def write_params_run(run_dir: str | Path, config: Config, params: nnx.State, tokenizer: str) -> Path:
     """Write parameters alone as a run (step 0) that ``load``, ``sample`` and ``init_from`` accept."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, or no permission
+        raise GptjaxError(
+            f"cannot create run directory {str(run_dir)!r} ({e.strerror}): give a new path"
+        ) from e
     ckpt = Checkpointer(run_dir / "checkpoints")
     try:
         ckpt.save_params(0, params, {"config": config.to_dict(), "tokenizer": tokenizer, "step": 0})

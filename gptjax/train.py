@@ -434,6 +434,7 @@ def _restore_or_init(config: Config, setup: Setup, ckpt: Checkpointer, logger: M
             "move the directory away to start over"
         )
     state = setup.init()
+    logger.truncate(0)  # rows of an earlier attempt that was killed before its first checkpoint
     if config.train.init_from:
         state = _init_from(config, setup, state)
         logger.print(f"gptjax: parameters initialised from {config.train.init_from}")
