@@ -204,6 +204,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         print(png)
     return 0
 
+
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from gptjax.finetune import FinetuneConfig, apply_overrides, finetune, load_finetune_config
 
@@ -253,7 +254,6 @@ def _cmd_attention(args: argparse.Namespace) -> int:
     maps = attention_maps(args.run_dir, args.prompt, args.layer, args.out)
     print(f"gptjax attention: {maps.probs.shape[0]} heads x {len(maps.labels)} tokens -> {maps.path}")
     return 0
-
 
 
 # --------------------------------------------------------------------------------------
@@ -321,7 +321,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("import-hf", help="convert a Hugging Face GPT-2 directory (or hub name) into a run")
-    p.add_argument("hf_dir", help="a directory with config.json and model.safetensors, or a hub name like gpt2")
+    p.add_argument(
+        "hf_dir", help="a directory with config.json and model.safetensors, or a hub name like gpt2"
+    )
     p.add_argument("run_dir", help="the run directory to write (sample it, or use it as train.init_from)")
     p.add_argument("--tokenizer", default="gpt2", help="the tokenizer the run records")
     p.set_defaults(func=_cmd_import_hf)

@@ -476,6 +476,7 @@ def _run(config, run_dir, dataset, setup, ckpt, logger, stop_at, batch_hook) -> 
         ).compile()
         compile_time = time.perf_counter() - t_compile
         logger.print(f"gptjax: train step compiled in {compile_time:.1f}s")
+        logger.write(start, {"compile_time": compile_time})
         timer = StepTimer()
         bad_run = skipped_total = 0
         pending = None  # the previous step's metrics: read one step late to keep a step in flight
@@ -523,7 +524,7 @@ def _run(config, run_dir, dataset, setup, ckpt, logger, stop_at, batch_hook) -> 
                     logger.print(f"gptjax: stop requested; saved step {done}, exiting")
                     break
         stream.close()  # stops the prefetch thread
-        logger.write(int(state.step), {"compile_time": compile_time, **peak_memory()})
+        logger.write(int(state.step), peak_memory())
     final_step = int(state.step)
     if not interrupted:
         ev = evaluate(setup, state.params, dataset.val, config, bytes_per_token)
