@@ -1,7 +1,8 @@
-"""The quick start as a file: a 1.9M-parameter byte-level GPT on the built-in stdlib corpus.
+"""The quick start as a file: a 0.8M-parameter byte-level GPT on the built-in stdlib corpus.
 
 Command: ``gptjax train configs/quickstart.py`` (the same as plain ``gptjax train``).
-Hardware: a 2-core CPU. Runtime and loss: see the README's quick start (measured there).
+Hardware: a 2-core CPU. Runtime: about 4 minutes (234 s measured). Validation loss: 1.81
+nats per byte (from 5.55 untrained).
 """
 
 from gptjax.config import quickstart

@@ -18,7 +18,7 @@ from gptjax.errors import GptjaxError
 
 # (overrides applied to the quickstart config, a word the error message must contain).
 INVALID_OVERRIDES = [
-    (["model.n_head=5"], "n_embd"),  # 192 % 5 != 0
+    (["model.n_head=5"], "n_embd"),  # 128 % 5 != 0
     (["model.n_layer=0"], "n_layer"),
     (["model.n_embd=-8"], "n_embd"),
     (["model.vocab_size=0"], "vocab_size"),
@@ -31,7 +31,7 @@ INVALID_OVERRIDES = [
     (["model.position=rope", "model.n_embd=30", "model.n_head=2"], "n_embd/n_head"),
     (["model.vocab_size=200"], "vocab_size"),  # the byte tokenizer needs 257
     (["data.tokenizer=gpt2"], "vocab_size"),  # 257 rows cannot hold gpt2's 50257 tokens
-    (["optim.warmup_steps=601"], "warmup_steps"),  # quickstart trains for 600 steps
+    (["optim.warmup_steps=801"], "warmup_steps"),  # quickstart trains for 800 steps
     (["optim.lr=0"], "lr"),
     (["optim.min_lr=1"], "min_lr"),  # above lr
     (["optim.lr=nan"], "optim.lr"),
