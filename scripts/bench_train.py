@@ -6,7 +6,7 @@
 
 Shapes (float32, random tokens, one fixed batch reused every step):
 
-- ``quickstart``: :func:`gptjax.config.quickstart` (byte vocab, 4 x 192, 6 heads), 16 x 128.
+- ``quickstart``: :func:`gptjax.config.quickstart` (byte vocab, 4 x 128, 4 heads), 16 x 128.
 - ``gpt2``: the 124M ``gpt2`` preset at T=256, batch 4 (a batch a 2-core CPU steps in
   seconds; ``--batch`` changes it for both implementations).
 - ``smoke``: the ``nano`` preset, 4 x 64.
