@@ -44,19 +44,14 @@ def _overrides(corpus, *extra):
     ]
 
 
+def _launch_cmd(corpus, run_dir, *extra):
+    """``gptjax launch`` of 2 processes x 2 CPU devices training the nano model."""
+    launch = [sys.executable, "-m", "gptjax.cli", "launch", "--processes", "2", "--devices-per-process", "2"]
+    return [*launch, "--", "train", "nano", *_overrides(corpus, *extra), "--run-dir", str(run_dir)]
+
+
 def _launch(corpus, run_dir, *extra, stop_at=None, timeout=420):
-    cmd = [
-        sys.executable,
-        "-m",
-        "gptjax.cli",
-        "launch",
-        "--processes",
-        "2",
-        "--devices-per-process",
-        "2",
-        "--",
-    ]
-    cmd += ["train", "nano", *_overrides(corpus, *extra), "--run-dir", str(run_dir)]
+    cmd = _launch_cmd(corpus, run_dir, *extra)
     if stop_at:
         cmd += ["--stop-at", str(stop_at)]
     proc = subprocess.run(
@@ -105,18 +100,7 @@ def test_checkpoints_move_between_topologies(corpus, tmp_path):
 
 
 def test_launcher_stops_everything_when_one_process_dies(corpus, tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "gptjax.cli",
-        "launch",
-        "--processes",
-        "2",
-        "--devices-per-process",
-        "2",
-        "--",
-    ]
-    cmd += ["train", "nano", *_overrides(corpus, "train.steps=100000"), "--run-dir", str(tmp_path / "run")]
+    cmd = _launch_cmd(corpus, tmp_path / "run", "train.steps=100000")
     launcher = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # Wait until training is under way (process 0 writes metrics), then kill process 1.
     metrics = tmp_path / "run" / "metrics.jsonl"
