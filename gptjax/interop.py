@@ -204,13 +204,9 @@ def to_hf(model: GPT, path: str | Path, *, eos_token_id: int | None = None) -> P
                 tensors[hf_name] = np.ascontiguousarray(value[i].reshape(hf_shape))
         else:  # HF's head sits outside its "transformer" module
             tensors[("" if name == "lm_head" else "transformer.") + _hf_name(name)] = value
-    directory = Path(path)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file in the way, or no permission
-        raise GptjaxError(
-            f"cannot create directory {str(directory)!r} ({e.strerror}): give a new path"
-        ) from e
+    from gptjax.runs import ensure_dir
+
+    directory = ensure_dir(path)
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     hf_config = {
         "architectures": ["GPT2LMHeadModel"],

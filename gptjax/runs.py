@@ -103,15 +103,19 @@ def load(path: str | Path, *, shardings: nnx.State | None = None) -> Loaded:
     return Loaded(nnx.merge(graphdef, params), config, get_tokenizer(meta["tokenizer"]))
 
 
+def ensure_dir(path: str | Path, what: str = "directory") -> Path:
+    """Create ``path`` (and parents); a file in the way or no permission is a clear error."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GptjaxError(f"cannot create {what} {str(path)!r} ({e.strerror}): give a new path") from e
+    return path
+
+
 def write_params_run(run_dir: str | Path, config: Config, params: nnx.State, tokenizer: str) -> Path:
     """Write parameters alone as a run (step 0) that ``load``, ``sample`` and ``init_from`` accept."""
-    run_dir = Path(run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file in the way, or no permission
-        raise GptjaxError(
-            f"cannot create run directory {str(run_dir)!r} ({e.strerror}): give a new path"
-        ) from e
+    run_dir = ensure_dir(run_dir, "run directory")
     ckpt = Checkpointer(run_dir / "checkpoints")
     try:
         ckpt.save_params(0, params, {"config": config.to_dict(), "tokenizer": tokenizer, "step": 0})
