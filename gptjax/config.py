@@ -70,7 +70,8 @@ class ModelConfig:
         attention: ``xla`` (portable), ``cudnn`` (flash attention on NVIDIA GPUs) or
             ``auto`` (cuDNN when running on a GPU with a 16-bit dtype, else XLA).
         remat: Activation recomputation in the backward pass: ``none``, ``full``
-            (recompute each block) or ``dots`` (save matmul outputs, recompute the rest).
+            (recompute each block), ``dots`` (save the weight matmuls' outputs, recompute
+            the rest) or ``auto`` (``dots`` on CPU, where it is faster, else ``none``).
         scan_layers: Run the blocks with ``lax.scan`` so compile time does not grow with
             depth. Parameters are stacked over layers either way, so checkpoints do not
             depend on this flag.
@@ -93,7 +94,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attention: Literal["auto", "xla", "cudnn"] = "auto"
-    remat: Literal["none", "full", "dots"] = "none"
+    remat: Literal["auto", "none", "full", "dots"] = "auto"
     scan_layers: bool = True
 
     def __post_init__(self) -> None:

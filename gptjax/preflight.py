@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from gptjax import sharding
 from gptjax.config import Config
 from gptjax.errors import GptjaxError
+from gptjax.model import remat_policy
 
 
 def _sharded_bytes(tree) -> int:
@@ -123,7 +124,7 @@ def _analytic(config: Config, sizes: dict[str, Any]) -> dict[str, Any]:
     b, t = config.train.batch_size, m.block_size
     activations = m.n_layer * b * t * (34 * m.n_embd + 5 * m.n_head * t) * width / dp
     logits = b * t * m.vocab_size * 4 * 2 / dp  # float32 logits and their gradient
-    if m.remat == "full":
+    if remat_policy(m) == "full":
         activations = m.n_layer * b * t * m.n_embd * jnp.dtype(m.dtype).itemsize / dp
     temp = int(activations + logits)
     grads = sizes["params_bytes"]

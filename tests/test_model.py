@@ -18,7 +18,7 @@ from flax import nnx
 
 from gptjax.config import MODEL_PRESETS, ModelConfig, param_counts
 from gptjax.errors import GptjaxError
-from gptjax.model import GPT, count_params
+from gptjax.model import GPT, count_params, remat_policy
 
 VOCAB = 67
 
@@ -242,7 +242,15 @@ def test_scan_layers_on_and_off_agree(position, with_dropout):
         np.testing.assert_allclose(looped, scanned, rtol=1e-5, atol=1e-5)
 
 
+def test_remat_auto_is_dots_on_cpu_and_explicit_choices_stand():
+    assert jax.default_backend() == "cpu"
+    assert remat_policy(tiny()) == "dots"  # the default, "auto"
+    for choice in ("none", "full", "dots"):
+        assert remat_policy(tiny(remat=choice)) == choice
+
+
 REMAT_CASES = [
+    ("auto", True),
     ("full", True),
     ("dots", True),
     pytest.param("full", False, marks=pytest.mark.slow),
@@ -252,7 +260,7 @@ REMAT_CASES = [
 
 @pytest.mark.parametrize(("remat", "scan_layers"), REMAT_CASES)
 def test_remat_gives_the_same_gradients(remat, scan_layers):
-    cfg = tiny(scan_layers=scan_layers)
+    cfg = tiny(scan_layers=scan_layers, remat="none")
     tokens = random_tokens(1, (2, 17))
     graphdef, state = nnx.split(build(cfg))
     graphdef_remat, _ = nnx.split(abstract_model(dataclasses.replace(cfg, remat=remat)))
