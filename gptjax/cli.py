@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gptjax.errors import GptjaxError
+from gptjax.host import keep_freed_memory
 
 
 def _print_table(rows: list[tuple[str, Any]]) -> None:
@@ -387,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "config", None) and "=" in args.config:
         args.overrides = [args.config, *args.overrides]
         args.config = None
+    keep_freed_memory()  # before JAX starts: XLA:CPU steps then run without page faults
     try:
         return args.func(args)
     except GptjaxError as e:

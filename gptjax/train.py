@@ -30,6 +30,7 @@ from gptjax import sharding
 from gptjax.checkpoint import Checkpointer
 from gptjax.config import Config, OptimConfig, flops_per_token
 from gptjax.errors import GptjaxError
+from gptjax.host import keep_freed_memory
 from gptjax.metrics import MetricsLogger, StepTimer, peak_flops, peak_memory
 from gptjax.model import GPT
 
@@ -383,6 +384,7 @@ def train(
         stop_at: Stop after this step as if preempted (save, return): for jobs that run a
             long schedule a slice at a time.
     """
+    keep_freed_memory()
     sharding.initialize_distributed()
     is_main = jax.process_index() == 0
     run_dir = _prepare_run_dir(config)

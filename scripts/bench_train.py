@@ -107,6 +107,12 @@ def _jax_step(config):
 
 
 def worker_jax(config, warmup: int, steps: int) -> dict:
+    try:
+        from gptjax.host import keep_freed_memory
+    except ImportError:  # a --baseline checkout from before gptjax.host
+        kept = False
+    else:
+        kept = keep_freed_memory()  # as `gptjax train` does, before JAX starts its backend
     import jax
 
     from gptjax.metrics import peak_flops
@@ -130,6 +136,7 @@ def worker_jax(config, warmup: int, steps: int) -> dict:
         "device": jax.devices()[0].device_kind,
         "n_devices": jax.device_count(),
         "peak_device_memory": stats.get("peak_bytes_in_use"),
+        "host_memory_kept": kept,
     }
 
 
