@@ -15,6 +15,7 @@ Randomness is explicit: dropout is active exactly when a ``dropout_key`` is pass
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -34,16 +35,22 @@ class KVCache(NamedTuple):
     """Keys and values of every layer for a batch of left-padded sequences.
 
     Attributes:
-        k: (L, B, S, N, H) keys, in the compute dtype.
-        v: (L, B, S, N, H) values.
+        k: (L, B, N, S, H) keys, in the compute dtype (heads before slots, so attention
+            contracts them without transposing the cache), or a tuple of L per-layer
+            (B, N, S, H) arrays (:meth:`per_layer`, for :meth:`GPT.decode` with ``layers``).
+        v: (L, B, N, S, H) values, or their per-layer tuple.
         start: (B,) the first real (non-padding) slot of each row; its position is 0.
         index: () the slot the next token is written to.
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
     start: jax.Array
     index: jax.Array
+
+    def per_layer(self) -> KVCache:
+        """The same cache with k and v as tuples of per-layer (B, N, S, H) arrays (copies)."""
+        return self._replace(k=tuple(self.k), v=tuple(self.v))
 
 
 def _param(key: jax.Array, shape: tuple[int, ...], std: float, dtype, axes: tuple) -> nnx.Param:
@@ -52,6 +59,11 @@ def _param(key: jax.Array, shape: tuple[int, ...], std: float, dtype, axes: tupl
 
 def _zeros(shape: tuple[int, ...], dtype, axes: tuple) -> nnx.Param:
     return nnx.Param(jnp.zeros(shape, dtype), axes=axes)
+
+
+def _heads_first(x: jax.Array) -> jax.Array:
+    """(B, T, N, H) <-> (B, N, T, H)."""
+    return x.transpose(0, 2, 1, 3)
 
 
 def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -134,7 +146,11 @@ class Attention(nnx.Module):
         return q, k, v
 
     def project(self, y: jax.Array) -> jax.Array:
-        out = jnp.einsum("BTNH,NHD->BTD", y, self.c_proj[...].astype(y.dtype))
+        # One (N*H, D) matrix, not two contracted axes: XLA:CPU otherwise copies the
+        # weight into a matmul layout at every call.
+        b, t, n, h = y.shape
+        w = self.c_proj[...].astype(y.dtype).reshape(n * h, -1)
+        out = jnp.einsum("BTE,ED->BTD", y.reshape(b, t, n * h), w)
         if self.c_proj_bias is not None:
             out = out + self.c_proj_bias[...].astype(y.dtype)
         return out
@@ -144,39 +160,49 @@ class Attention(nnx.Module):
 
         Without a cache: full causal attention over x (B, T, D). With ``cache = (k_all,
         v_all, layer, index, mask)``: write this step's keys/values into the stacked
-        (L, B, S, N, H) caches at ``[layer, :, index]`` in place, attend over that layer's
-        slots under ``mask`` (B, 1, T, S), and return the updated caches.
+        (L, B, N, S, H) caches at ``[layer, :, :, index]`` in place (or, with ``layer``
+        None, into this layer's own (B, N, S, H) caches), attend over that layer's slots
+        under ``mask`` (B, 1, T, S), and return the updated caches.
         """
         q, k, v = self.qkv(x, positions)
         if cache is None:
-            y = self._attend(q, k, v, mask=None, dropout_key=dropout_key)
-            return self.project(y), None
+            return self.project(self._causal(q, k, v, dropout_key)), None
         k_all, v_all, layer, index, mask = cache
-        at = (layer, 0, index, 0, 0)
-        k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
-        v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
-        y = self._attend(q, k_all[layer], v_all[layer], mask=mask, dropout_key=None)
+        k, v = _heads_first(k).astype(k_all.dtype), _heads_first(v).astype(v_all.dtype)
+        if layer is None:  # this layer's own (B, N, S, H) caches
+            k_all = jax.lax.dynamic_update_slice(k_all, k, (0, 0, index, 0))
+            v_all = jax.lax.dynamic_update_slice(v_all, v, (0, 0, index, 0))
+            k_layer, v_layer = k_all, v_all
+        else:
+            k_all = jax.lax.dynamic_update_slice(k_all, k[None], (layer, 0, 0, index, 0))
+            v_all = jax.lax.dynamic_update_slice(v_all, v[None], (layer, 0, 0, index, 0))
+            k_layer, v_layer = k_all[layer], v_all[layer]
+        y = self._attend(q, k_layer, v_layer, mask=mask, dropout_key=None)
         return self.project(y), (k_all, v_all)
 
-    def _attend(self, q, k, v, *, mask, dropout_key):
+    def _causal(self, q, k, v, dropout_key):
         cfg = self.cfg
-        if mask is not None:
-            return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
         if attention_implementation(cfg) == "cudnn" and (dropout_key is None or cfg.attn_dropout == 0):
             return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-        # The plain formulation. Dropout on probabilities needs them materialised; without
-        # dropout it is still faster on CPU than jax.nn.dot_product_attention's XLA path
-        # (fwd + bwd). Heads move in front of time once, so every batched matmul below has
-        # its batch dimensions leading (16% off the quick-start train step on CPU against
-        # contracting in the (B, T, N, H) layout), and q is scaled (T*H), not the scores (T*T).
-        q = q * jnp.asarray(1 / math.sqrt(cfg.head_dim), q.dtype)
-        q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # (B, N, T, H)
+        t = q.shape[1]
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        return self._attend(q, _heads_first(k), _heads_first(v), mask=causal, dropout_key=dropout_key)
+
+    def _attend(self, q, k, v, *, mask, dropout_key):
+        """Softmax attention of q (B, T, N, H) over k, v (B, N, S, H) where mask (.., T, S) is True.
+
+        The plain formulation: dropout on probabilities needs them materialised, and on CPU
+        it beats jax.nn.dot_product_attention's XLA path (fwd + bwd). Keys and values are
+        heads-first (the KV cache is stored that way), so every batched matmul has its batch
+        dimensions leading: 16% off the quick-start train step on CPU against contracting in
+        (B, T, N, H), and no per-token transpose of the whole cache when decoding. q is
+        scaled (T*H), not the scores (T*S).
+        """
+        q = _heads_first(q * jnp.asarray(1 / math.sqrt(self.cfg.head_dim), q.dtype))
         scores = jnp.einsum("BNTH,BNSH->BNTS", q, k, preferred_element_type=jnp.float32)
-        t, s = q.shape[2], k.shape[2]
-        causal = jnp.tril(jnp.ones((t, s), bool), s - t)
-        scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
-        probs = _dropout(jax.nn.softmax(scores, -1), cfg.attn_dropout, dropout_key)
-        return jnp.einsum("BNTS,BNSH->BNTH", probs.astype(v.dtype), v).transpose(0, 2, 1, 3)
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = _dropout(jax.nn.softmax(scores, -1), self.cfg.attn_dropout, dropout_key)
+        return _heads_first(jnp.einsum("BNTS,BNSH->BNTH", probs.astype(v.dtype), v))
 
 
 class MLP(nnx.Module):
@@ -312,22 +338,39 @@ class GPT(nnx.Module):
         cfg = self.config
         if max_len > cfg.block_size:
             raise GptjaxError(f"cache length {max_len} exceeds the model's block_size ({cfg.block_size})")
-        shape = (cfg.n_layer, batch_size, max_len, cfg.n_head, cfg.head_dim)
+        shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, cfg.head_dim)
         dtype = jnp.dtype(cfg.dtype)
         start = jnp.zeros((batch_size,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
         return KVCache(
             k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), start=start, index=jnp.zeros((), jnp.int32)
         )
 
-    def decode(self, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    def layer_states(self) -> list[nnx.State]:
+        """Each block's parameters sliced off the stacked state (copies), for :meth:`decode`."""
+        stacked = nnx.state(self.h)
+        return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(self.config.n_layer)]
+
+    def decode(
+        self, tokens: jax.Array, cache: KVCache, layers: Sequence[nnx.State] | None = None
+    ) -> tuple[jax.Array, KVCache]:
         """Run tokens (B, T) at slots ``cache.index ...`` and return logits (B, T, V).
 
         Prefill is ``decode(prompts, empty_cache)``; each further call with T = 1 advances
         one token. Row b's position at slot j is ``j - cache.start[b]``; slots before
         ``start[b]`` are padding that no real query attends to.
+
+        The blocks run in a ``lax.scan`` over the stacked parameters and a stacked cache,
+        or, given ``layers`` (from :meth:`layer_states`) and a per-layer cache
+        (:meth:`KVCache.per_layer`), unrolled over those separate arrays. A scan slices
+        each layer's weights and cache out of their stacks at every step, and XLA:CPU
+        copies each slice: at batch 1 that copying is most of a token's time, so the CPU
+        sampler unrolls.
         """
         b, t = tokens.shape
-        s = cache.k.shape[2]
+        per_layer = layers is not None
+        if per_layer != isinstance(cache.k, tuple):
+            raise GptjaxError("decode: pass layers= with a per-layer cache (KVCache.per_layer()), or neither")
+        s = (cache.k[0] if per_layer else cache.k).shape[-2]
         slots = cache.index + jnp.arange(t)  # (T,)
         positions = jnp.maximum(slots[None, :] - cache.start[:, None], 0)  # (B, T)
         key_slots = jnp.arange(s)
@@ -337,8 +380,7 @@ class GPT(nnx.Module):
         mask = (causal[None] & real) | (key_slots[None, None, :] == slots[None, :, None])
         mask = mask[:, None]  # (B, 1, T, S)
         x = self.embed(tokens, positions)
-        # Layers are always scanned here: each writes only its new slots into the stacked
-        # caches, in place.
+        # Each layer writes only its new slots into the stacked caches, in place.
         graphdef, stacked = nnx.split(self.h)
 
         def body(carry, xs):
@@ -348,9 +390,15 @@ class GPT(nnx.Module):
             x, (k_all, v_all) = block(x, positions, None, (k_all, v_all, layer, cache.index, mask))
             return (x, k_all, v_all), None
 
-        x, k_all, v_all = jax.lax.scan(
-            body, (x, cache.k, cache.v), (stacked, jnp.arange(self.config.n_layer))
-        )[0]
+        if per_layer:
+            ks, vs = list(cache.k), list(cache.v)
+            for i, state in enumerate(layers):
+                block = nnx.merge(graphdef, state)
+                x, (ks[i], vs[i]) = block(x, positions, None, (ks[i], vs[i], None, cache.index, mask))
+            k_all, v_all = tuple(ks), tuple(vs)
+        else:
+            carry = (x, cache.k, cache.v)
+            x, k_all, v_all = jax.lax.scan(body, carry, (stacked, jnp.arange(self.config.n_layer)))[0]
         logits = self.logits(self.ln_f(x))
         return logits, KVCache(k=k_all, v=v_all, start=cache.start, index=cache.index + t)
 

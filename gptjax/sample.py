@@ -120,27 +120,34 @@ def _sample(logits, keys, knobs, *, greedy: bool, top_k: int, nucleus: bool) -> 
     return choice if ids is None else jnp.take_along_axis(ids, choice[:, None], -1)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
-def _prefill(graphdef, state, prompts, start, seed, *, cache_len: int):
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "per_layer"))
+def _prefill(graphdef, state, prompts, start, seed, *, cache_len: int, per_layer: bool):
     """Write prompts (B, P) into a fresh cache of cache_len slots; derive the row keys (B,)."""
     model = nnx.merge(graphdef, state)
     cache = model.init_cache(prompts.shape[0], cache_len, start)
     if prompts.shape[1]:
         _, cache = model.decode(prompts, cache)  # the unused logits are dead code under jit
+    if per_layer:
+        cache = cache.per_layer()
     row_keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.arange(prompts.shape[0]))
     return cache, row_keys
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _layer_states(graphdef, state):
+    return nnx.merge(graphdef, state).layer_states()
 
 
 @functools.partial(
     jax.jit, static_argnames=("graphdef", "n_steps", "greedy", "top_k", "nucleus"), donate_argnames="carry"
 )
-def _decode_chunk(graphdef, state, carry, row_keys, knobs, *, n_steps, greedy, top_k, nucleus):
+def _decode_chunk(graphdef, state, layers, carry, row_keys, knobs, *, n_steps, greedy, top_k, nucleus):
     """Advance n_steps tokens; returns the carry (cache, tokens (B,), step) and (B, n_steps) outputs."""
     model = nnx.merge(graphdef, state)
 
     def step(carry, _):
         cache, tokens, t = carry
-        logits, cache = model.decode(tokens[:, None], cache)
+        logits, cache = model.decode(tokens[:, None], cache, layers)
         logits = logits[:, 0]  # (B, V) float32
         keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, t)
         tokens = _sample(logits, keys, knobs, greedy=greedy, top_k=top_k, nucleus=nucleus)
@@ -209,7 +216,13 @@ def _start(model: GPT, prompts, max_new_tokens, params, seed, tokenizer, stop_to
     graphdef, state = nnx.split(model)
     start = np.asarray([bucket - len(row) for row in rows], np.int32)
     seed_u32 = np.uint32(seed % 2**32)
-    cache, row_keys = _prefill(graphdef, state, block[:, :-1], start, seed_u32, cache_len=cache_len)
+    # On CPU the decode loop runs over per-layer copies of the weights and the cache (a
+    # one-off copy per call): slicing them out of their stacks at every token costs more.
+    per_layer = jax.default_backend() == "cpu"
+    cache, row_keys = _prefill(
+        graphdef, state, block[:, :-1], start, seed_u32, cache_len=cache_len, per_layer=per_layer
+    )
+    layers = _layer_states(graphdef, state) if per_layer else None
     knobs = np.asarray([max(params.temperature, 1e-30), params.top_p, params.min_p], np.float32)
     flags = dict(greedy=params.temperature == 0, top_k=params.top_k, nucleus=params.top_p < 1)
 
@@ -219,7 +232,7 @@ def _start(model: GPT, prompts, max_new_tokens, params, seed, tokenizer, stop_to
         done = 0
         while done < max_new_tokens and None in reasons:
             carry, tokens, logprobs = _decode_chunk(
-                graphdef, state, carry, row_keys, knobs, n_steps=chunk_size, **flags
+                graphdef, state, layers, carry, row_keys, knobs, n_steps=chunk_size, **flags
             )
             n = min(chunk_size, max_new_tokens - done)
             tokens, logprobs = np.asarray(tokens)[:, :n], np.asarray(logprobs)[:, :n]

@@ -63,8 +63,8 @@ def forward(model: GPT, tokens: jax.Array, dropout_key: jax.Array | None = None)
 
 
 @partial(jax.jit, static_argnums=0)
-def _decode(graphdef, state, tokens, cache):
-    return nnx.merge(graphdef, state).decode(tokens, cache)
+def _decode(graphdef, state, tokens, cache, layers=None):
+    return nnx.merge(graphdef, state).decode(tokens, cache, layers)
 
 
 @partial(jax.jit, static_argnums=0)
@@ -288,15 +288,16 @@ PROMPT_LENGTHS = [5, 2, 7]
 WIDTH, NEW = 7, 4
 
 
-def decode_all(model: GPT, prompts: jax.Array, continuation: jax.Array, cache) -> np.ndarray:
+def decode_all(model: GPT, prompts: jax.Array, continuation: jax.Array, cache, layers=None) -> np.ndarray:
     """Prefill ``prompts`` then feed ``continuation`` one token at a time; all logits."""
     graphdef, state = nnx.split(model)
-    logits, cache = _decode(graphdef, state, prompts, cache)
+    logits, cache = _decode(graphdef, state, prompts, cache, layers)
     steps = [logits]
     for i in range(continuation.shape[1]):
-        logits, cache = _decode(graphdef, state, continuation[:, i : i + 1], cache)
+        logits, cache = _decode(graphdef, state, continuation[:, i : i + 1], cache, layers)
         steps.append(logits)
     assert int(cache.index) == prompts.shape[1] + continuation.shape[1]
+    assert isinstance(cache.k, tuple) == (layers is not None)
     return np.asarray(jnp.concatenate(steps, axis=1))
 
 
@@ -307,6 +308,21 @@ def test_cached_decode_matches_full_forward(position, scan_layers):
     cache = model.init_cache(3, WIDTH + NEW + 2)  # spare slots stay unused
     decoded = decode_all(model, tokens[:, :WIDTH], tokens[:, WIDTH:], cache)
     np.testing.assert_allclose(decoded, forward(model, tokens), rtol=0, atol=1e-5)
+
+
+def test_decode_over_layer_copies_matches_the_scan():
+    """The CPU sampler's unrolled decode over per-layer weight copies computes the same."""
+    model = build(tiny())
+    layers = model.layer_states()
+    assert len(layers) == model.config.n_layer
+    assert jax.tree.leaves(layers[1])[0].shape == jax.tree.leaves(nnx.state(model.h))[0].shape[1:]
+    tokens = random_tokens(1, (3, WIDTH + NEW))
+    cache = model.init_cache(3, WIDTH + NEW + 2, start=jnp.array([2, 0, 1]))
+    scanned = decode_all(model, tokens[:, :WIDTH], tokens[:, WIDTH:], cache)
+    unrolled = decode_all(model, tokens[:, :WIDTH], tokens[:, WIDTH:], cache.per_layer(), layers)
+    np.testing.assert_allclose(unrolled, scanned, rtol=0, atol=1e-6)
+    with pytest.raises(GptjaxError, match="per-layer cache"):
+        model.decode(tokens[:, :1], cache, layers)
 
 
 @pytest.mark.parametrize(("position", "scan_layers"), DECODE_CASES)
