@@ -219,6 +219,8 @@ def run_worker(kind: str, args, shape: str, pythonpath: str | None = None) -> di
     for item in args.override:
         cmd += ["--override", item]
     env = dict(os.environ)
+    if pythonpath:
+        env["GPTJAX_BENCH_BASELINE"] = "1"
     paths = [p for p in (pythonpath, str(ROOT), env.get("PYTHONPATH")) if p]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -304,6 +306,11 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.worker:
+        if os.environ.get("GPTJAX_BENCH_BASELINE"):
+            # Only the baseline checkout's own modules: without this, an editable install of
+            # this tree would supply any module the older checkout lacks.
+            editable = lambda finder: getattr(finder, "__module__", "").startswith("__editable__")
+            sys.meta_path[:] = [f for f in sys.meta_path if not editable(f)]
         sys.path.append(str(ROOT))  # benchmarks/, after any --baseline checkout on PYTHONPATH
         config = make_config(args.shapes[0], args.batch or None, tuple(args.override))
         if args.worker == "jax":
