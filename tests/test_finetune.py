@@ -105,9 +105,14 @@ def test_keyword_classification_reaches_95_percent(pretrained, tasks, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("task", "files", "body_lr", "epochs"),
-    [("multiple_choice", "mc", 3e-3, 6), ("entailment", "entail", 1e-2, 12)],
+    [("multiple_choice", "mc", 3e-3, 6), ("entailment", "entail", 1e-2, 30)],
 )
 def test_other_framings_train_well_above_chance(pretrained, tasks, tmp_path, task, files, body_lr, epochs):
+    """Entailment here is an XOR (keyword in the text vs the claimed kind) that the nano model
+    leaves its chance plateau on only after a seed-dependent wait: at 12 epochs 1 of 4 seeds
+    got there (seed 0, and it stopped after a numerics-neutral attention-layout change), at
+    30 epochs seeds 0, 1, 2 reach 0.96-1.0 and seed 3 stays at 0.58, at 60 epochs 3 of 4. The
+    test pins the default seed 0 and trains 30 epochs."""
     cfg = _config(
         pretrained, tasks, tmp_path / "ft", files, task=task, body_lr=body_lr, head_lr=1e-2, epochs=epochs
     )
