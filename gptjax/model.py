@@ -37,7 +37,7 @@ class KVCache(NamedTuple):
     Attributes:
         k: (L, B, N, S, H) keys, in the compute dtype (heads before slots, so attention
             contracts them without transposing the cache), or a tuple of L per-layer
-            (B, N, S, H) arrays (:meth:`per_layer`, for :meth:`GPT.decode` with ``layers``).
+            (B*N, S, H) arrays (:meth:`per_layer`, for :meth:`GPT.decode` with ``layers``).
         v: (L, B, N, S, H) values, or their per-layer tuple.
         start: (B,) the first real (non-padding) slot of each row; its position is 0.
         index: () the slot the next token is written to.
@@ -49,8 +49,15 @@ class KVCache(NamedTuple):
     index: jax.Array
 
     def per_layer(self) -> KVCache:
-        """The same cache with k and v as tuples of per-layer (B, N, S, H) arrays (copies)."""
-        return self._replace(k=tuple(self.k), v=tuple(self.v))
+        """The same cache with k and v as tuples of per-layer (B*N, S, H) arrays (copies).
+
+        Three axes, not four: at batch 1 XLA:CPU drops the unit axis of a (1, N, S, H) cache
+        with a bitcast between the in-place update and the attention matmul, and then copies
+        every layer's cache at every token (5 ms a token for gpt2 at 128 slots).
+        """
+        n_layer, b, n, s, h = self.k.shape
+        shape = (n_layer, b * n, s, h)
+        return self._replace(k=tuple(self.k.reshape(shape)), v=tuple(self.v.reshape(shape)))
 
 
 def _param(key: jax.Array, shape: tuple[int, ...], std: float, dtype, axes: tuple) -> nnx.Param:
@@ -59,6 +66,23 @@ def _param(key: jax.Array, shape: tuple[int, ...], std: float, dtype, axes: tupl
 
 def _zeros(shape: tuple[int, ...], dtype, axes: tuple) -> nnx.Param:
     return nnx.Param(jnp.zeros(shape, dtype), axes=axes)
+
+
+def _matmul(x: jax.Array, kernel: nnx.Variable, n_in: int) -> jax.Array:
+    """x (..., *inputs) times kernel (*inputs, *outputs): (..., *outputs).
+
+    The contracted axes are flattened into one (XLA:CPU otherwise copies a kernel with two
+    contracted axes into a matmul layout at every call); the output axes stay, so a kernel
+    sharded over heads keeps its sharding. A kernel marked ``rows_first``
+    (:meth:`GPT.layer_states`) is stored (*outputs, *inputs) and contracted over its minor axis.
+    """
+    w = kernel[...].astype(x.dtype)
+    lead, k = x.shape[: x.ndim - n_in], math.prod(x.shape[x.ndim - n_in :])
+    x = x.reshape(*lead, k)
+    if kernel.get_metadata().get("rows_first"):
+        y = jnp.einsum("...K,OK->...O", x, w.reshape(-1, k))
+        return y.reshape(*lead, *w.shape[: w.ndim - n_in])
+    return jax.lax.dot_general(x, w.reshape(k, *w.shape[n_in:]), (((x.ndim - 1,), (0,)), ((), ())))
 
 
 def _heads_first(x: jax.Array) -> jax.Array:
@@ -136,8 +160,7 @@ class Attention(nnx.Module):
         self.c_proj_bias = _zeros((d,), pdt, ("embed",)) if cfg.bias else None
 
     def qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        w = self.c_attn[...].astype(x.dtype)
-        qkv = jnp.einsum("BTD,DSNH->BTSNH", x, w)
+        qkv = _matmul(x, self.c_attn, 1)  # (B, T, 3, N, H)
         if self.c_attn_bias is not None:
             qkv = qkv + self.c_attn_bias[...].astype(x.dtype)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, N, H)
@@ -146,11 +169,7 @@ class Attention(nnx.Module):
         return q, k, v
 
     def project(self, y: jax.Array) -> jax.Array:
-        # One (N*H, D) matrix, not two contracted axes: XLA:CPU otherwise copies the
-        # weight into a matmul layout at every call.
-        b, t, n, h = y.shape
-        w = self.c_proj[...].astype(y.dtype).reshape(n * h, -1)
-        out = jnp.einsum("BTE,ED->BTD", y.reshape(b, t, n * h), w)
+        out = _matmul(y, self.c_proj, 2)
         if self.c_proj_bias is not None:
             out = out + self.c_proj_bias[...].astype(y.dtype)
         return out
@@ -161,7 +180,7 @@ class Attention(nnx.Module):
         Without a cache: full causal attention over x (B, T, D). With ``cache = (k_all,
         v_all, layer, index, mask)``: write this step's keys/values into the stacked
         (L, B, N, S, H) caches at ``[layer, :, :, index]`` in place (or, with ``layer``
-        None, into this layer's own (B, N, S, H) caches), attend over that layer's slots
+        None, into this layer's own (B*N, S, H) caches), attend over that layer's slots
         under ``mask`` (B, 1, T, S), and return the updated caches.
         """
         q, k, v = self.qkv(x, positions)
@@ -169,9 +188,10 @@ class Attention(nnx.Module):
             return self.project(self._causal(q, k, v, dropout_key)), None
         k_all, v_all, layer, index, mask = cache
         k, v = _heads_first(k).astype(k_all.dtype), _heads_first(v).astype(v_all.dtype)
-        if layer is None:  # this layer's own (B, N, S, H) caches
-            k_all = jax.lax.dynamic_update_slice(k_all, k, (0, 0, index, 0))
-            v_all = jax.lax.dynamic_update_slice(v_all, v, (0, 0, index, 0))
+        if layer is None:  # this layer's own (B*N, S, H) caches
+            b, n, t, h = k.shape
+            k_all = jax.lax.dynamic_update_slice(k_all, k.reshape(b * n, t, h), (0, index, 0))
+            v_all = jax.lax.dynamic_update_slice(v_all, v.reshape(b * n, t, h), (0, index, 0))
             k_layer, v_layer = k_all, v_all
         else:
             k_all = jax.lax.dynamic_update_slice(k_all, k[None], (layer, 0, 0, index, 0))
@@ -199,10 +219,19 @@ class Attention(nnx.Module):
         scaled (T*H), not the scores (T*S).
         """
         q = _heads_first(q * jnp.asarray(1 / math.sqrt(self.cfg.head_dim), q.dtype))
-        scores = jnp.einsum("BNTH,BNSH->BNTS", q, k, preferred_element_type=jnp.float32)
+        b, n, t, h = q.shape
+        if k.ndim == 3:  # (B*N, S, H)
+            scores = jnp.einsum("ETH,ESH->ETS", q.reshape(b * n, t, h), k, preferred_element_type=jnp.float32)
+            scores = scores.reshape(b, n, t, -1)
+        else:
+            scores = jnp.einsum("BNTH,BNSH->BNTS", q, k, preferred_element_type=jnp.float32)
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = _dropout(jax.nn.softmax(scores, -1), self.cfg.attn_dropout, dropout_key)
-        return _heads_first(jnp.einsum("BNTS,BNSH->BNTH", probs.astype(v.dtype), v))
+        probs = _dropout(jax.nn.softmax(scores, -1), self.cfg.attn_dropout, dropout_key).astype(v.dtype)
+        if k.ndim == 3:
+            out = jnp.einsum("ETS,ESH->ETH", probs.reshape(b * n, t, -1), v).reshape(b, n, t, h)
+        else:
+            out = jnp.einsum("BNTS,BNSH->BNTH", probs, v)
+        return _heads_first(out)
 
 
 class MLP(nnx.Module):
@@ -217,11 +246,11 @@ class MLP(nnx.Module):
         self.c_proj_bias = _zeros((d,), pdt, ("embed",)) if cfg.bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = jnp.einsum("BTD,DF->BTF", x, self.c_fc[...].astype(x.dtype))
+        h = _matmul(x, self.c_fc, 1)
         if self.c_fc_bias is not None:
             h = h + self.c_fc_bias[...].astype(x.dtype)
         h = jax.nn.gelu(h, approximate=self.approximate)
-        out = jnp.einsum("BTF,FD->BTD", h, self.c_proj[...].astype(x.dtype))
+        out = _matmul(h, self.c_proj, 1)
         if self.c_proj_bias is not None:
             out = out + self.c_proj_bias[...].astype(x.dtype)
         return out
@@ -346,9 +375,21 @@ class GPT(nnx.Module):
         )
 
     def layer_states(self) -> list[nnx.State]:
-        """Each block's parameters sliced off the stacked state (copies), for :meth:`decode`."""
+        """Each block's parameters sliced off the stacked state (copies), for :meth:`decode`.
+
+        Kernels are stored rows-first (:func:`_rows_first`): a one-token matmul then reads
+        each output's weights contiguously, 5-20% faster on CPU at batch 1 and 8.
+        """
         stacked = nnx.state(self.h)
-        return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(self.config.n_layer)]
+
+        def layer(v: nnx.Variable, i: int) -> nnx.Variable:
+            axes = v.get_metadata()["axes"][1:]  # without "layers"
+            if v.ndim < 3 or "embed" not in (axes[0], axes[-1]):
+                return v.replace(v[i], axes=axes)
+            return v.replace(_rows_first(axes, v[i]), axes=axes, rows_first=True)
+
+        layers = range(self.config.n_layer)
+        return [jax.tree.map(lambda v, i=i: layer(v, i), stacked, is_leaf=_is_variable) for i in layers]
 
     def decode(
         self, tokens: jax.Array, cache: KVCache, layers: Sequence[nnx.State] | None = None
@@ -401,6 +442,20 @@ class GPT(nnx.Module):
             x, k_all, v_all = jax.lax.scan(body, carry, (stacked, jnp.arange(self.config.n_layer)))[0]
         logits = self.logits(self.ln_f(x))
         return logits, KVCache(k=k_all, v=v_all, start=cache.start, index=cache.index + t)
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _rows_first(axes: tuple, kernel: jax.Array) -> jax.Array:
+    """A kernel (*inputs, *outputs) stored (*outputs, *inputs), for :func:`_matmul`.
+
+    Every kernel here has ``embed`` either as its first axis (it reads the residual
+    stream: one input axis) or its last (it writes it: one output axis), so moving that
+    axis to the other end puts the outputs first.
+    """
+    return jnp.moveaxis(kernel, 0, -1) if axes[0] == "embed" else jnp.moveaxis(kernel, -1, 0)
 
 
 def count_params(model: GPT) -> int:

@@ -315,10 +315,19 @@ def test_decode_over_layer_copies_matches_the_scan():
     model = build(tiny())
     layers = model.layer_states()
     assert len(layers) == model.config.n_layer
-    assert jax.tree.leaves(layers[1])[0].shape == jax.tree.leaves(nnx.state(model.h))[0].shape[1:]
+    stacked = nnx.state(model.h)
+    # Kernels are stored outputs-first: (D, 3, N, H) -> (3, N, H, D), (N, H, D) -> (D, N, H).
+    qkv, proj = layers[1]["attn"]["c_attn"], layers[1]["attn"]["c_proj"]
+    assert qkv.get_metadata()["rows_first"]
+    assert qkv.get_metadata()["axes"] == ("embed", None, "heads", "head_dim")
+    np.testing.assert_array_equal(qkv[...], np.moveaxis(stacked["attn"]["c_attn"][1], 0, -1))
+    np.testing.assert_array_equal(proj[...], np.moveaxis(stacked["attn"]["c_proj"][1], -1, 0))
+    np.testing.assert_array_equal(layers[1]["ln_1"]["scale"][...], stacked["ln_1"]["scale"][1])
     tokens = random_tokens(1, (3, WIDTH + NEW))
     cache = model.init_cache(3, WIDTH + NEW + 2, start=jnp.array([2, 0, 1]))
     scanned = decode_all(model, tokens[:, :WIDTH], tokens[:, WIDTH:], cache)
+    cfg = model.config
+    assert cache.per_layer().k[0].shape == (3 * cfg.n_head, WIDTH + NEW + 2, cfg.head_dim)  # (B*N, S, H)
     unrolled = decode_all(model, tokens[:, :WIDTH], tokens[:, WIDTH:], cache.per_layer(), layers)
     np.testing.assert_allclose(unrolled, scanned, rtol=0, atol=1e-6)
     with pytest.raises(GptjaxError, match="per-layer cache"):
