@@ -211,7 +211,9 @@ class Attention(nnx.Module):
         return self._attend(q, _heads_first(k), _heads_first(v), mask=causal, dropout_key=dropout_key)
 
     def _attend(self, q, k, v, *, mask, dropout_key):
-        """Softmax attention of q (B, T, N, H) over k, v (B, N, S, H) where mask (.., T, S) is True.
+        """Softmax attention of q (B, T, N, H) over k, v where mask (.., T, S) is True.
+
+        k and v are (B, N, S, H), or (B*N, S, H) for a per-layer decode cache.
 
         The plain formulation: dropout on probabilities needs them materialised, and on CPU
         it beats jax.nn.dot_product_attention's XLA path (fwd + bwd). Keys and values are
@@ -222,18 +224,13 @@ class Attention(nnx.Module):
         """
         q = _heads_first(q * jnp.asarray(1 / math.sqrt(self.cfg.head_dim), q.dtype))
         b, n, t, h = q.shape
-        if k.ndim == 3:  # (B*N, S, H)
-            scores = jnp.einsum("ETH,ESH->ETS", q.reshape(b * n, t, h), k, preferred_element_type=jnp.float32)
-            scores = scores.reshape(b, n, t, -1)
-        else:
-            scores = jnp.einsum("BNTH,BNSH->BNTS", q, k, preferred_element_type=jnp.float32)
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        batch = k.shape[:-2]  # (B, N) or (B*N,)
+        q = q.reshape(*batch, t, h)
+        scores = jnp.einsum("...TH,...SH->...TS", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.where(mask, scores.reshape(b, n, t, -1), jnp.finfo(jnp.float32).min)
         probs = _dropout(jax.nn.softmax(scores, -1), self.cfg.attn_dropout, dropout_key).astype(v.dtype)
-        if k.ndim == 3:
-            out = jnp.einsum("ETS,ESH->ETH", probs.reshape(b * n, t, -1), v).reshape(b, n, t, h)
-        else:
-            out = jnp.einsum("BNTS,BNSH->BNTH", probs, v)
-        return _heads_first(out)
+        out = jnp.einsum("...TS,...SH->...TH", probs.reshape(*batch, t, -1), v)
+        return _heads_first(out.reshape(b, n, t, h))
 
 
 class MLP(nnx.Module):
