@@ -193,6 +193,16 @@ def _cmd_fit(args: argparse.Namespace) -> int:
             f"D = {_human(opt['tokens'])} "
             f"[{_human(opt['tokens_ci95'][0])}, {_human(opt['tokens_ci95'][1])}] tokens"
         )
+    iso = result["isoflop"]
+    for m in iso["minima"]:
+        print(
+            f"IsoFLOP minimum at C = {m['flops']:.3g}: N = {_human(m['params'])}, "
+            f"D = {_human(m['tokens'])} tokens, val loss {m['val_loss']:.4f}"
+        )
+    for budget, reason in iso["skipped"].items():
+        print(f"IsoFLOP at {budget}: no minimum ({reason})")
+    if iso["params_exponent"] is not None:
+        print(f"IsoFLOP: N_opt ~ C^{iso['params_exponent']:.3f} ({len(iso['minima'])} budgets)")
     return 0
 
 

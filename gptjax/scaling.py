@@ -523,9 +523,11 @@ def fit_sweep(
     L(N) uses each size's best loss over budgets, L(D) each budget's best over sizes, L(C)
     the compute-efficient frontier, L(N, D) every (N, D) point. A law with too few points
     is listed under ``skipped`` with the reason. ``compute_optimal`` is given at
-    ``budgets`` (default: the sweep's largest C and 10x and 100x it).
+    ``budgets`` (default: the sweep's largest C and 10x and 100x it). ``isoflop`` is
+    Chinchilla's second approach, for sweeps over ``flops`` budgets (:func:`isoflop`).
     """
-    points = _points(table(sweep_dir))
+    rows = table(sweep_dir)
+    points = _points(rows)
     fits: dict[str, Fit] = {}
     skipped: dict[str, str] = {}
     by_n: dict[float, float] = {}
@@ -559,7 +561,53 @@ def fit_sweep(
         "fits": {k: f.to_dict() for k, f in fits.items()},
         "skipped": skipped,
         "compute_optimal": optimal,
+        "isoflop": isoflop(rows),
     }
+
+
+def isoflop(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Chinchilla's approach 2 on a sweep over ``flops`` budgets: per budget C, the N at the
+    vertex of a parabola fitted to validation loss against log N, then ``N_opt ~ C^a``.
+
+    Losses are averaged over seeds and the best over other axes is taken, as for the fits.
+    Returns ``curves`` (per budget: its (N, loss) points, the parabola's coefficients in
+    log N or None), ``minima`` (``flops``, ``params``, ``tokens`` = C / 6N, ``val_loss`` at
+    the vertex), ``params_exponent`` a (None with fewer than 2 minima) and ``skipped``: by
+    budget, why it has no minimum (fewer than 3 sizes, or no vertex inside the sizes tried).
+    """
+    by_setting: dict[tuple, list[float]] = {}
+    for r in rows:
+        point = json.loads(r["point"])
+        if r["status"] == "finished" and math.isfinite(r["val_loss"]) and "flops" in point:
+            other = {k: v for k, v in point.items() if k not in ("seed", "size", *BUDGETS)}
+            key = (float(point["flops"]), r["params_non_embedding"], json.dumps(other, sort_keys=True))
+            by_setting.setdefault(key, []).append(r["val_loss"])
+    losses: dict[float, dict[float, float]] = {}
+    for (c, n, _), values in by_setting.items():
+        curve = losses.setdefault(c, {})
+        curve[n] = min(curve.get(n, math.inf), float(np.mean(values)))
+    curves, minima, skipped = [], [], {}
+    for c, by_n in sorted(losses.items()):
+        points = sorted(by_n.items())
+        curves.append({"flops": c, "points": points, "parabola": None})
+        if len(points) < 3:
+            skipped[f"C = {c:.3g}"] = f"needs 3 sizes, has {len(points)}"
+            continue
+        log_n = np.log([n for n, _ in points])
+        coef = np.polyfit(log_n, [loss for _, loss in points], 2)
+        curves[-1]["parabola"] = [float(x) for x in coef]
+        vertex = -coef[1] / (2 * coef[0]) if coef[0] > 0 else math.nan
+        if not log_n.min() <= vertex <= log_n.max():
+            skipped[f"C = {c:.3g}"] = "no minimum inside the sizes tried: add sizes past the lowest loss"
+            continue
+        n_opt = float(np.exp(vertex))
+        minima.append({"flops": c, "params": n_opt, "tokens": c / (6 * n_opt),
+                       "val_loss": float(np.polyval(coef, vertex))})  # fmt: skip
+    exponent = None
+    if len(minima) >= 2:
+        log_c, log_n = np.log([m["flops"] for m in minima]), np.log([m["params"] for m in minima])
+        exponent = float(np.polyfit(log_c, log_n, 1)[0])
+    return {"curves": curves, "minima": minima, "params_exponent": exponent, "skipped": skipped}
 
 
 # --------------------------------------------------------------------------------------
@@ -646,21 +694,16 @@ def plot_sweep(sweep_dir: str | Path, out_dir: str | Path | None = None) -> list
     ax.legend(fontsize=8)
     paths.append(_save(fig, out / "loss_vs_compute.png", plt))
 
-    budgets = sorted({json.loads(r["point"])["flops"] for r in rows if "flops" in json.loads(r["point"])})
-    if len(budgets) >= 2:
+    if len(result["isoflop"]["curves"]) >= 2:
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
-        for c in budgets:
-            same = [r for r in rows if json.loads(r["point"]).get("flops") == c]
-            pts = sorted((r["params_non_embedding"], r["val_loss"]) for r in same)
-            (line,) = ax.plot(*zip(*pts, strict=True), "o", label=f"C = {c:.2g}")
-            if len(pts) >= 3:  # a parabola in log N; its vertex is the IsoFLOP optimum
-                lx, ly = np.log([p[0] for p in pts]), [p[1] for p in pts]
-                coef = np.polyfit(lx, ly, 2)
-                grid = np.linspace(lx.min(), lx.max(), 50)
-                ax.plot(np.exp(grid), np.polyval(coef, grid), color=line.get_color())
-                vertex = -coef[1] / (2 * coef[0])
-                if coef[0] > 0 and lx.min() <= vertex <= lx.max():
-                    ax.plot(np.exp(vertex), np.polyval(coef, vertex), "k*")
+        for curve in result["isoflop"]["curves"]:
+            (line,) = ax.plot(*zip(*curve["points"], strict=True), "o", label=f"C = {curve['flops']:.2g}")
+            if curve["parabola"] is not None:
+                log_n = np.log([n for n, _ in curve["points"]])
+                grid = np.linspace(log_n.min(), log_n.max(), 50)
+                ax.plot(np.exp(grid), np.polyval(curve["parabola"], grid), color=line.get_color())
+        for m in result["isoflop"]["minima"]:
+            ax.plot(m["params"], m["val_loss"], "k*")
         ax.set(xscale="log", xlabel="non-embedding parameters N", ylabel="validation loss")
         ax.set_title("IsoFLOP curves (star: fitted optimum)")
         ax.legend(fontsize=8)

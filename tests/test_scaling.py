@@ -17,7 +17,15 @@ import pytest
 from scipy.optimize import minimize_scalar
 
 from gptjax import cli, scaling
-from gptjax.config import Config, DataConfig, ModelConfig, OptimConfig, SampleConfig, TrainConfig
+from gptjax.config import (
+    Config,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    SampleConfig,
+    TrainConfig,
+    param_counts,
+)
 from gptjax.errors import GptjaxError
 
 train_lib = importlib.import_module("gptjax.train")
@@ -284,3 +292,70 @@ def test_rerun_skips_finished_and_other_sweep_is_rejected(tmp_path, fake_train):
     fit = scaling.fit_sweep(tmp_path / "sweep", n_boot=10)
     assert fit["fits"] == {} and len(fit["points"]) == 2  # the best lr per size
     assert [p["val_loss"] for p in fit["points"]] == pytest.approx([3.0, 2.9])
+
+
+# Chinchilla's fitted law (Hoffmann et al. 2022), scaled down 10x so losses look like losses.
+_E, _A, _B, _ALPHA, _BETA = 1.69, 40.64, 41.07, 0.34, 0.28
+
+
+@pytest.fixture
+def chinchilla_train(monkeypatch):
+    """A trainer whose final loss is E + A/N^alpha + B/D^beta at the run's N and D."""
+
+    def train(config, *, mesh=None, stop_at=None):
+        run_dir = Path(config.train.run_dir)
+        run_dir.mkdir(parents=True)
+        n = param_counts(config.model)["non_embedding"]
+        tokens_per_step = config.train.batch_size * config.model.block_size
+        loss = _E + _A / n**_ALPHA + _B / (config.train.steps * tokens_per_step) ** _BETA
+        rows = [{"step": s, "loss": loss + 1.0 / s, "lr": 1e-3} for s in (1, config.train.steps)]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (run_dir / "result.json").write_text(
+            json.dumps({"step": config.train.steps, "loss": loss, "val_loss": loss})
+        )
+        return train_lib.TrainResult(run_dir, config.train.steps, {}, [], None)
+
+    monkeypatch.setattr(train_lib, "train", train)
+
+
+def test_isoflop_minima_recover_the_compute_optimal_size(tmp_path, chinchilla_train, capsys):
+    """Chinchilla's approach 2 on a flops sweep: each budget's parabola vertex lands on the
+    analytic optimum of the law the runs follow, and N_opt grows as C^(beta / (alpha + beta))."""
+    sizes = [(1, 32, 2), (2, 32, 2), (2, 48, 4), (3, 64, 4), (4, 80, 4), (4, 128, 4), (6, 160, 4)]  # 13K-1.9M
+    budgets = [6e10, 6e11, 6e12]
+    sweep = scaling.Sweep(name="iso", base=_base(), axes={"size": sizes, "flops": budgets})
+    result = scaling.run_sweep(sweep, tmp_path / "sweep")
+    assert [r["status"] for r in result.rows] == ["finished"] * 21
+    iso = scaling.fit_sweep(result.sweep_dir, n_boot=10)["isoflop"]
+    assert iso["skipped"] == {} and [m["flops"] for m in iso["minima"]] == budgets
+    g = (_ALPHA * _A / (_BETA * _B)) ** (1 / (_ALPHA + _BETA))
+    for m in iso["minima"]:
+        analytic = g * (m["flops"] / 6) ** (_BETA / (_ALPHA + _BETA))
+        assert m["params"] == pytest.approx(analytic, rel=0.06)  # a parabola on an asymmetric curve
+        assert 6 * m["params"] * m["tokens"] == pytest.approx(m["flops"])
+        curve = next(c for c in iso["curves"] if c["flops"] == m["flops"])
+        assert m["val_loss"] <= min(loss for _, loss in curve["points"]) + 1e-3
+    assert iso["params_exponent"] == pytest.approx(_BETA / (_ALPHA + _BETA), abs=0.02)
+
+    pngs = scaling.plot_sweep(result.sweep_dir)
+    assert [p.name for p in pngs] == ["loss_vs_params.png", "loss_vs_compute.png", "isoflop.png"]
+    _assert_png(pngs[-1])
+    capsys.readouterr()
+    assert cli.main(["fit", str(result.sweep_dir), "--bootstrap", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "IsoFLOP minimum at C = 6e+10: N = " in out and "IsoFLOP: N_opt ~ C^0.4" in out
+
+
+def test_isoflop_says_why_a_budget_has_no_minimum():
+    def row(n, loss, flops):
+        point = json.dumps({"size": [1, 16, 2], "flops": flops})
+        return {"status": "finished", "params_non_embedding": n, "val_loss": loss, "point": point}
+
+    still_falling = [row(n, 3.0 - 0.1 * i, 1e12) for i, n in enumerate((1e3, 1e4, 1e5))]
+    too_few = [row(n, 3.0, 1e13) for n in (1e3, 1e4)]
+    iso = scaling.isoflop(still_falling + too_few)
+    assert iso["minima"] == [] and iso["params_exponent"] is None
+    assert iso["skipped"] == {
+        "C = 1e+12": "no minimum inside the sizes tried: add sizes past the lowest loss",
+        "C = 1e+13": "needs 3 sizes, has 2",
+    }
