@@ -1,4 +1,5 @@
-"""Run directories: find a checkpoint, read its config, load the model it holds.
+"""Run directories: find a checkpoint, read its config, load the model it holds; check
+that a directory can be written and that a checkpoint fits the model about to use it.
 
 A run directory (``runs/<name>``) holds ``config.json``, ``metrics.jsonl``, TensorBoard
 files and ``checkpoints/<step>/``. Anything that needs a trained model (sampling,
@@ -7,6 +8,7 @@ evaluation, export, initialising a new run) goes through :func:`load`.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import NamedTuple
 
@@ -122,4 +124,41 @@ def write_params_run(run_dir: str | Path, config: Config, params: nnx.State, tok
     finally:
         ckpt.close()
     (run_dir / "config.json").write_text(config.to_json())
+    return run_dir
+
+
+def check_compatible(saved: dict, config: Config, step: int, directory: Path) -> None:
+    """Raise if a checkpoint's saved config has other parameters than ``config.model``.
+
+    Fields that change how the computation runs (dropout, dtype, attention, remat,
+    scan_layers) may differ; the error names every field that may not.
+    """
+    saved_model = saved.get("config", {}).get("model", {})
+    current = dataclasses.asdict(config.model)
+    # Fields that change how the computation runs, not what the parameters are.
+    free = {"embd_dropout", "attn_dropout", "resid_dropout", "dtype", "attention", "remat", "scan_layers"}
+    diffs = [
+        f"{k} {saved_model.get(k)!r} != {v!r}"
+        for k, v in current.items()
+        if k not in free and saved_model.get(k) != v
+    ]
+    if diffs:
+        raise GptjaxError(
+            f"the checkpoint at step {step} in {directory} was trained with a different model "
+            f"({'; '.join(diffs)}): use a new train.run_dir or the checkpoint's model config"
+        )
+
+
+def prepare_run_dir(config: Config) -> Path:
+    """The run directory (created), or a one-line error if this process cannot write to it."""
+    run_dir = Path(config.train.run_dir or Path("runs") / config.name)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-probe-{jax.process_index()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise GptjaxError(
+            f"run directory {str(run_dir)!r} is not writable ({e.strerror}): choose another --run-dir"
+        ) from e
     return run_dir

@@ -12,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import signal
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +31,8 @@ from gptjax.errors import GptjaxError
 from gptjax.host import keep_freed_memory
 from gptjax.metrics import MetricsLogger, StepTimer, peak_flops, peak_memory
 from gptjax.model import GPT
+from gptjax.preemption import StopRequest
+from gptjax.runs import check_compatible, load_params, prepare_run_dir, read_config
 
 # Parameters that weight decay applies to: the weight matrices. Embeddings join them when
 # ``optim.decay_embeddings`` is set; biases and LayerNorm parameters never do.
@@ -289,78 +289,13 @@ def evaluate(setup: Setup, params, val_tokens: np.ndarray, config: Config, bytes
     return out
 
 
-def _check_compatible(saved: dict, config: Config, step: int, directory: Path) -> None:
-    saved_model = saved.get("config", {}).get("model", {})
-    current = dataclasses.asdict(config.model)
-    # Fields that change how the computation runs, not what the parameters are.
-    free = {"embd_dropout", "attn_dropout", "resid_dropout", "dtype", "attention", "remat", "scan_layers"}
-    diffs = [
-        f"{k} {saved_model.get(k)!r} != {v!r}"
-        for k, v in current.items()
-        if k not in free and saved_model.get(k) != v
-    ]
-    if diffs:
-        raise GptjaxError(
-            f"the checkpoint at step {step} in {directory} was trained with a different model "
-            f"({'; '.join(diffs)}): use a new train.run_dir or the checkpoint's model config"
-        )
-
-
 def _init_from(config: Config, setup: Setup, state: TrainState) -> TrainState:
-    from gptjax.runs import load_params, read_config
 
     source, _ = read_config(config.train.init_from)
-    _check_compatible({"config": source.to_dict()}, config, 0, Path(config.train.init_from))
+    check_compatible({"config": source.to_dict()}, config, 0, Path(config.train.init_from))
     params, _ = load_params(config.train.init_from, setup.abstract_state.params)
     # AdamW's initial state (zero moments, count 0) does not depend on the values.
     return state._replace(params=params)
-
-
-def _prepare_run_dir(config: Config) -> Path:
-    run_dir = Path(config.train.run_dir or Path("runs") / config.name)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-probe-{jax.process_index()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise GptjaxError(
-            f"run directory {str(run_dir)!r} is not writable ({e.strerror}): choose another --run-dir"
-        ) from e
-    return run_dir
-
-
-class _StopRequest:
-    """Turns SIGTERM/SIGINT into "finish this step, save, exit 0".
-
-    With several processes, signals are left to JAX's preemption service (SIGTERM) and
-    every process asks :meth:`at` whether to stop, so all of them save the same step.
-    """
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-        self._multi = jax.process_count() > 1
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in () if self._multi else (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def at(self, step: int) -> bool:
-        if self._multi:
-            from jax.experimental import multihost_utils
-
-            self.requested = self.requested or multihost_utils.reached_preemption_sync_point(step)
-        return self.requested
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 # --------------------------------------------------------------------------------------
@@ -387,7 +322,7 @@ def train(
     keep_freed_memory()
     sharding.initialize_distributed()
     is_main = jax.process_index() == 0
-    run_dir = _prepare_run_dir(config)
+    run_dir = prepare_run_dir(config)
     dataset = data_lib.load_dataset(
         config.data, seq_len=config.model.block_size, vocab_size=config.model.vocab_size
     )
@@ -416,7 +351,7 @@ def _restore_or_init(config: Config, setup: Setup, ckpt: Checkpointer, logger: M
             )
         try:
             meta = ckpt.read_meta(step)
-            _check_compatible(meta, config, step, ckpt.directory)
+            check_compatible(meta, config, step, ckpt.directory)
             state = ckpt.restore(step, setup.abstract_state)
         except GptjaxError:
             raise
@@ -483,7 +418,7 @@ def _run(config, run_dir, dataset, setup, ckpt, logger, stop_at, batch_hook) -> 
         bad_run = skipped_total = 0
         pending = None  # the previous step's metrics: read one step late to keep a step in flight
         stream = batches.prefetch(start, tc.steps, config.data.prefetch)
-        with _StopRequest() as stop:
+        with StopRequest() as stop:
             for step, local in timer.wait(stream):
                 if batch_hook is not None:
                     local = batch_hook(step, local)
