@@ -152,7 +152,8 @@ def _cmd_export_hf(args: argparse.Namespace) -> int:
     from gptjax.interop import export_hf
 
     hf_dir = export_hf(args.run_dir, args.hf_dir)
-    print(f"gptjax: wrote {hf_dir} (transformers.GPT2LMHeadModel.from_pretrained loads it)")
+    tokenizer = "; AutoTokenizer loads its tokenizer" if (hf_dir / "vocab.json").is_file() else ""
+    print(f"gptjax: wrote {hf_dir} (transformers.GPT2LMHeadModel.from_pretrained loads it{tokenizer})")
     return 0
 
 

@@ -242,11 +242,18 @@ def import_hf(source: str | Path, run_dir: str | Path, *, tokenizer: str = "gpt2
 
 
 def export_hf(run_dir: str | Path, hf_dir: str | Path) -> Path:
-    """Write the latest checkpoint of a run as a HF GPT-2 directory (see :func:`to_hf`)."""
+    """Write the latest checkpoint of a run as a HF GPT-2 directory (see :func:`to_hf`),
+    with the run's tokenizer as GPT-2 vocab files where that format can express it (the
+    byte tokenizer and ``gpt2``; ``GPT2TokenizerFast.from_pretrained`` then encodes as
+    the run does; other encodings leave no tokenizer files)."""
     from gptjax.runs import load
 
     model, _, tokenizer = load(run_dir)
-    return to_hf(model, hf_dir, eos_token_id=tokenizer.eot_id)
+    path = to_hf(model, hf_dir, eos_token_id=tokenizer.eot_id)
+    if not tokenizer.save_hf(path, model_max_length=model.config.block_size):
+        for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "tokenizer.json"):
+            (path / name).unlink(missing_ok=True)  # an earlier export's, not this run's
+    return path
 
 
 # --------------------------------------------------------------------------------------

@@ -5,8 +5,10 @@ Every tiktoken call in gptjax lives in this file.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Protocol
 
 from gptjax.errors import GptjaxError
@@ -29,6 +31,7 @@ class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
     def decode(self, tokens: Sequence[int]) -> str: ...
+    def save_hf(self, directory: str | Path, model_max_length: int) -> list[Path]: ...
 
 
 class ByteTokenizer:
@@ -47,6 +50,11 @@ class ByteTokenizer:
     def decode(self, tokens: Sequence[int]) -> str:
         # End-of-text (and anything outside a byte) is dropped; broken UTF-8 is replaced.
         return bytes(t for t in tokens if 0 <= t < 256).decode("utf-8", errors="replace")
+
+    def save_hf(self, directory: str | Path, model_max_length: int) -> list[Path]:
+        """GPT-2's vocab files with the 256 bytes and no merges (see :func:`_write_gpt2_files`)."""
+        vocab = {bytes([b]): b for b in range(256)}
+        return _write_gpt2_files(directory, vocab, [], "<|endoftext|>", self.eot_id, model_max_length)
 
 
 class TiktokenTokenizer:
@@ -76,6 +84,78 @@ class TiktokenTokenizer:
 
     def decode(self, tokens: Sequence[int]) -> str:
         return self._enc.decode([t for t in tokens if 0 <= t < self.vocab_size], errors="replace")
+
+    def save_hf(self, directory: str | Path, model_max_length: int) -> list[Path]:
+        """GPT-2's vocab files for this encoding (see :func:`_write_gpt2_files`); [] for one
+        they cannot express (only ``gpt2`` and ``r50k_base`` use GPT-2's pre-tokenizer).
+
+        tiktoken keeps only each token's rank; the merges are recovered by re-running BPE
+        on each token's bytes with the lower ranks, which must end in exactly two parts.
+        For ``gpt2`` this reproduces OpenAI's ``encoder.json`` and ``vocab.bpe`` exactly.
+        """
+        if self.name not in ("gpt2", "r50k_base"):
+            return []
+        ranks: dict[bytes, int] = self._enc._mergeable_ranks  # no public accessor in tiktoken
+        merges = []
+        for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+            if len(token) > 1:
+                parts = _bpe(token, ranks, below=rank)
+                if len(parts) != 2:
+                    raise GptjaxError(f"{self.name}: token {rank} is not one merge of lower ranks")
+                merges.append((parts[0], parts[1]))
+        return _write_gpt2_files(
+            directory, ranks, merges, self._enc.decode([self.eot_id]), self.eot_id, model_max_length
+        )
+
+
+def _write_gpt2_files(directory, vocab: dict[bytes, int], merges, eot: str, eot_id: int, max_length: int):
+    """Write ``vocab.json``, ``merges.txt`` and ``tokenizer_config.json`` in GPT-2's format,
+    which ``transformers.GPT2TokenizerFast.from_pretrained(directory)`` reads; returns them."""
+    char = _byte_chars()
+    text = {token: "".join(char[b] for b in token) for token in vocab}
+    files = {
+        "vocab.json": json.dumps({text[t]: i for t, i in vocab.items()} | {eot: eot_id}, ensure_ascii=False),
+        "merges.txt": "#version: 0.2\n" + "".join(f"{text[a]} {text[b]}\n" for a, b in merges),
+        "tokenizer_config.json": json.dumps(
+            {
+                "tokenizer_class": "GPT2Tokenizer",
+                "model_max_length": max_length,
+                "add_prefix_space": False,
+                "bos_token": eot,
+                "eos_token": eot,
+                "unk_token": eot,
+            },
+            indent=2,
+        ),
+    }
+    directory = Path(directory)
+    for name, content in files.items():
+        (directory / name).write_text(content, encoding="utf-8")
+    return [directory / name for name in files]
+
+
+def _byte_chars() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte in its vocab files: printable Latin-1 bytes
+    stand for themselves, the other 68 for the code points from 256 up, in byte order."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    others = [b for b in range(256) if b not in printable]
+    return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
+
+
+def _bpe(token: bytes, ranks: dict[bytes, int], below: int) -> list[bytes]:
+    """Byte-pair-encode ``token`` using only merges ranked below ``below``."""
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 1:
+        pairs = [(ranks.get(a + b, below), i) for i, (a, b) in enumerate(zip(parts, parts[1:], strict=False))]
+        rank, i = min(pairs)
+        if rank >= below:
+            break
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    return parts
 
 
 def known_vocab_size(name: str) -> int | None:

@@ -339,6 +339,10 @@ def test_cli_import_sample_export(tiny, tmp_path, gpt2_tokenizer_available, caps
     assert original.keys() == exported.keys()
     assert all(np.array_equal(original[k], exported[k]) for k in original)
     assert json.loads((tmp_path / "back" / "config.json").read_text())["eos_token_id"] == 50256
+    assert "AutoTokenizer loads its tokenizer" in capsys.readouterr().out
+    exported_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
+    assert exported_tokenizer("Hello there")["input_ids"] == prompt
+    assert exported_tokenizer.model_max_length == 96
     assert cli.main(["import-hf", str(tmp_path / "missing"), str(tmp_path / "run2")]) == 2
     assert "does not exist" in capsys.readouterr().err
 

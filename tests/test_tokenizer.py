@@ -1,5 +1,6 @@
 """Tokenizers: round trips, known ids, batch encoding and the offline error."""
 
+import json
 import socket
 
 import pytest
@@ -93,3 +94,45 @@ def test_unknown_tokenizer():
         get_tokenizer("gpt3")
     assert known_vocab_size("gpt3") is None
     assert "gpt2" in TIKTOKEN_ENCODINGS
+
+
+# Hugging Face vocab files (export-hf writes them next to the weights)
+
+HF_SAMPLES = [
+    "Hello, world! It's 3:14pm — naïve café, Straße, ångström.",
+    "日本語のテキストと中文文本，한국어 문장, русский текст 😀🎉👩‍👩‍👧‍👦",
+    "def f(x):\n\treturn {'a': [1, 2.5e-3, None]}  # comment\r\n   trailing   ",
+]
+
+
+def _hf_tokenizer(directory):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(directory)
+
+
+def test_gpt2_vocab_files_are_openais_and_encode_alike(gpt2, shared_dir, tmp_path):
+    written = gpt2.save_hf(tmp_path, model_max_length=1024)
+    assert sorted(p.name for p in written) == ["merges.txt", "tokenizer_config.json", "vocab.json"]
+    # The merges are rebuilt from tiktoken's ranks; they must be OpenAI's files exactly.
+    originals = {f.read_bytes()[:8]: f for f in (shared_dir / "tiktoken-cache").iterdir()}
+    encoder = next((f for head, f in originals.items() if head.startswith(b"{")), None)
+    bpe = next((f for head, f in originals.items() if head.startswith(b"#version")), None)
+    if encoder is None or bpe is None:
+        pytest.skip("../shared/tiktoken-cache lacks GPT-2's encoder.json / vocab.bpe")
+    assert json.loads((tmp_path / "vocab.json").read_text()) == json.loads(encoder.read_text())
+    assert (tmp_path / "merges.txt").read_text().splitlines() == bpe.read_text().splitlines()
+    reference = _hf_tokenizer(tmp_path)
+    assert reference.eos_token_id == gpt2.eot_id
+    for text in HF_SAMPLES:
+        assert reference(text)["input_ids"] == gpt2.encode(text), text
+
+
+def test_byte_vocab_files_encode_alike(tmp_path):
+    tokenizer = ByteTokenizer()
+    tokenizer.save_hf(tmp_path, model_max_length=128)
+    reference = _hf_tokenizer(tmp_path)
+    assert len(reference) == tokenizer.vocab_size and reference.eos_token_id == tokenizer.eot_id
+    for text in [*HF_SAMPLES, "".join(map(chr, range(1, 256)))]:
+        tokens = tokenizer.encode(text)
+        assert reference(text)["input_ids"] == tokens, text
+        assert reference.decode(tokens) == text
