@@ -335,8 +335,13 @@ class Fit:
     n_points: int
 
     def ci(self, name: str, level: float = 0.95) -> tuple[float, float]:
-        """The percentile bootstrap interval of one parameter."""
-        lo, hi = np.nanpercentile(self.samples[name], [50 * (1 - level), 50 * (1 + level)])
+        """The percentile bootstrap interval of one parameter.
+
+        Order statistics, not interpolation: a scale like x_c can overflow to inf in a
+        bootstrap fit, and interpolating next to inf gives nan instead of an open bound.
+        """
+        q = [50 * (1 - level), 50 * (1 + level)]
+        lo, hi = np.nanpercentile(self.samples[name], q, method="nearest")
         return float(lo), float(hi)
 
     def to_dict(self) -> dict[str, Any]:
