@@ -50,12 +50,19 @@ def measured_cpu_peak(n: int = 1024, repeats: int = 10) -> float:
 
 
 def peak_flops(dtype: str, configured: float = 0.0) -> tuple[float, str]:
-    """Peak FLOP/s of one device and where the number came from."""
+    """Peak FLOP/s of one device and where the number came from.
+
+    CPU devices of one process (``--xla_force_host_platform_device_count``) share its
+    cores, and the probe already uses all of them: each device's peak is the probe's
+    rate divided by their number, so that devices x peak is the machine's.
+    """
     if configured > 0:
         return configured, "configured"
     device = jax.devices()[0]
     if device.platform == "cpu":
-        return measured_cpu_peak(), "measured (float32 matmul probe)"
+        n = jax.local_device_count()
+        shared = f", shared by {n} CPU devices" if n > 1 else ""
+        return measured_cpu_peak() / n, f"measured (float32 matmul probe{shared})"
     for kind, peaks in PEAK_FLOPS.items():
         if device.device_kind.startswith(kind) and dtype in peaks:
             return peaks[dtype], f"table ({kind}, {dtype})"

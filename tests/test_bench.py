@@ -124,3 +124,20 @@ def test_analytic_estimate_counts_state_and_activations():
     est = _analytic(config, sizes)
     assert est["method"].startswith("analytic")
     assert est["total_bytes"] > 3010 and est["argument_bytes"] == 3010
+
+
+def test_cpu_devices_share_the_measured_peak(monkeypatch):
+    """The 8 fake CPU devices of the suite share the cores the probe measured: per-device
+    peak x devices is the probe's rate, not 8 times it (MFU would read 8x too low)."""
+    import jax
+
+    from gptjax import metrics
+
+    monkeypatch.setattr(metrics, "measured_cpu_peak", lambda: 8e11)
+    peak, source = metrics.peak_flops("float32")
+    assert jax.local_device_count() == 8
+    assert (
+        peak * 8 == pytest.approx(8e11)
+        and source == "measured (float32 matmul probe, shared by 8 CPU devices)"
+    )
+    assert metrics.peak_flops("float32", configured=3e12) == (3e12, "configured")
