@@ -15,7 +15,8 @@ Both sides run the whole update: loss, gradients, clipping to global norm 1.0, A
 (betas 0.9/0.95, eps 1e-8, weight decay 0.1 on weight matrices only; constant learning
 rate). Ours is ``gptjax.train.build(config).train_step``, the loop's own jitted step;
 theirs is :mod:`benchmarks.torch_gpt` with ``torch.set_num_threads(os.cpu_count())``.
-XLA keeps its default threading.
+XLA keeps its default threading. ``--cpu-devices N`` runs ours over N CPU devices of one
+process (data parallel, the batch split between them; they share the cores).
 
 Before timing, a parity process copies our initial parameters into the torch model and
 checks that the two losses agree at step 0 (same weights) and at step 1 (same update),
@@ -219,6 +220,9 @@ def run_worker(kind: str, args, shape: str, pythonpath: str | None = None) -> di
     for item in args.override:
         cmd += ["--override", item]
     env = dict(os.environ)
+    if kind == "jax" and args.cpu_devices:
+        flag = f"--xla_force_host_platform_device_count={args.cpu_devices}"
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
     if pythonpath:
         env["GPTJAX_BENCH_BASELINE"] = "1"
     paths = [p for p in (pythonpath, str(ROOT), env.get("PYTHONPATH")) if p]
@@ -258,6 +262,7 @@ def summarize(shape: str, config, runs: dict[str, list[dict]], parity: dict | No
             "max_rss_bytes": statistics.median(r["max_rss_bytes"] for r in rs),
         }
         if name.startswith("jax"):
+            row[name]["n_devices"] = rs[0]["n_devices"]
             row[name]["compile_s"] = statistics.median(r["compile_s"] for r in rs)
             row[name]["peak_device_memory"] = rs[0]["peak_device_memory"]
     for name in runs:
@@ -282,6 +287,9 @@ def print_table(rows: list[dict], command: str) -> None:
                 f"{r['max_rss_bytes'] / 2**20:>11.0f} {ratio:>9}"
             )
     peak = rows[0]["peak_flops"] if rows else 0
+    for row in rows:
+        if row["jax"]["n_devices"] > 1:
+            print(f"{row['shape']}: ours data-parallel over {row['jax']['n_devices']} devices")
     print(
         f"MFU against {peak / 1e9:.1f} GFLOP/s ({rows[0]['peak_source'] if rows else ''}); "
         "ours/impl = impl's median step time / ours"
@@ -298,6 +306,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     parser.add_argument("--override", action="append", default=[], help="section.field=value for ours")
     parser.add_argument("--baseline", default="", help="a gptjax checkout to time as 'jax-baseline'")
+    parser.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=0,
+        help="ours on this many CPU devices (data parallel; 0: JAX's default)",
+    )
     parser.add_argument("--no-torch", action="store_true", help="skip the torch runs")
     parser.add_argument("--no-parity", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny model, 2 steps, 1 round")
