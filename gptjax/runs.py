@@ -135,7 +135,6 @@ def check_compatible(saved: dict, config: Config, step: int, directory: Path) ->
     """
     saved_model = saved.get("config", {}).get("model", {})
     current = dataclasses.asdict(config.model)
-    # Fields that change how the computation runs, not what the parameters are.
     free = {"embd_dropout", "attn_dropout", "resid_dropout", "dtype", "attention", "remat", "scan_layers"}
     diffs = [
         f"{k} {saved_model.get(k)!r} != {v!r}"

@@ -606,8 +606,8 @@ def isoflop(rows: list[dict[str, Any]]) -> dict[str, Any]:
             skipped[f"C = {c:.3g}"] = "no minimum inside the sizes tried: add sizes past the lowest loss"
             continue
         n_opt = float(np.exp(vertex))
-        minima.append({"flops": c, "params": n_opt, "tokens": c / (6 * n_opt),
-                       "val_loss": float(np.polyval(coef, vertex))})  # fmt: skip
+        loss = float(np.polyval(coef, vertex))
+        minima.append({"flops": c, "params": n_opt, "tokens": c / (6 * n_opt), "val_loss": loss})
     exponent = None
     if len(minima) >= 2:
         log_c, log_n = np.log([m["flops"] for m in minima]), np.log([m["params"] for m in minima])
