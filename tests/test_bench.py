@@ -43,15 +43,9 @@ def _nano_config(batch_size: int = 8, **model) -> Config:
 def test_bench_train_smoke_schema():
     pytest.importorskip("torch")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # not the suite's 8 devices
-    command = [
-        sys.executable,
-        str(ROOT / "scripts" / "bench_train.py"),
-        "--smoke",
-        "--no-parity",
-        "--json-only",
-    ]
+    script = str(ROOT / "scripts" / "bench_train.py")
     out = subprocess.run(
-        [*command, "--cpu-devices", "2"],
+        [sys.executable, script, "--smoke", "--no-parity", "--json-only", "--cpu-devices", "2"],
         capture_output=True,
         text=True,
         env=env,
