@@ -24,6 +24,7 @@ from flax import nnx
 
 from gptjax.config import ModelConfig
 from gptjax.errors import GptjaxError
+from gptjax.sharding import constrain, constrain_param
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -76,7 +77,7 @@ def _matmul(x: jax.Array, kernel: nnx.Variable, n_in: int) -> jax.Array:
     sharded over heads keeps its sharding. A kernel marked ``rows_first``
     (:meth:`GPT.layer_states`) is stored (*outputs, *inputs) and contracted over its minor axis.
     """
-    w = kernel[...].astype(x.dtype)
+    w = _value(kernel, x.dtype)
     lead, k = x.shape[: x.ndim - n_in], math.prod(x.shape[x.ndim - n_in :])
     x = x.reshape(*lead, k)
     if kernel.get_metadata().get("rows_first"):
@@ -85,6 +86,20 @@ def _matmul(x: jax.Array, kernel: nnx.Variable, n_in: int) -> jax.Array:
         y = jnp.einsum("...K,OK->...O", x, w.reshape(-1, k))
         return y.reshape(*lead, *w.shape[: w.ndim - n_in])
     return jax.lax.dot_general(x, w.reshape(k, *w.shape[n_in:]), (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _value(param: nnx.Variable, dtype) -> jax.Array:
+    """A parameter's value in ``dtype``, pinned to its own sharding under a mesh.
+
+    Pinned after the cast, so the gradient is reduce-scattered in the compute dtype (a cast
+    between XLA's all-reduce and its slice hides the reduce-scatter); see :mod:`gptjax.sharding`.
+    """
+    return constrain_param(param[...].astype(dtype), param.get_metadata()["axes"])
+
+
+# Logical names of activations (ACTIVATION_RULES in gptjax.sharding maps them to mesh axes).
+BTD = ("batch", None, "embed")
+BTNH = ("batch", None, "heads", None)
 
 
 def _heads_first(x: jax.Array) -> jax.Array:
@@ -111,9 +126,9 @@ class LayerNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...].astype(jnp.float32)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * _value(self.scale, jnp.float32)
         if self.bias is not None:
-            y = y + self.bias[...].astype(jnp.float32)
+            y = y + _value(self.bias, jnp.float32)
         return y.astype(x.dtype)
 
 
@@ -164,17 +179,18 @@ class Attention(nnx.Module):
     def qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         qkv = _matmul(x, self.c_attn, 1)  # (B, T, 3, N, H)
         if self.c_attn_bias is not None:
-            qkv = qkv + self.c_attn_bias[...].astype(x.dtype)
+            qkv = qkv + _value(self.c_attn_bias, x.dtype)
+        qkv = constrain(qkv, ("batch", None, None, "heads", None))
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, N, H)
         if self.cfg.position == "rope":
             q, k = rope(q, positions), rope(k, positions)
         return q, k, v
 
     def project(self, y: jax.Array) -> jax.Array:
-        out = _matmul(y, self.c_proj, 2)
+        out = _matmul(constrain(y, BTNH), self.c_proj, 2)
         if self.c_proj_bias is not None:
-            out = out + self.c_proj_bias[...].astype(y.dtype)
-        return out
+            out = out + _value(self.c_proj_bias, y.dtype)
+        return constrain(out, BTD)
 
     def __call__(self, x: jax.Array, positions: jax.Array, dropout_key: jax.Array | None, cache=None):
         """Causal self-attention.
@@ -247,12 +263,12 @@ class MLP(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         h = _matmul(x, self.c_fc, 1)
         if self.c_fc_bias is not None:
-            h = h + self.c_fc_bias[...].astype(x.dtype)
-        h = jax.nn.gelu(h, approximate=self.approximate)
+            h = h + _value(self.c_fc_bias, x.dtype)
+        h = constrain(jax.nn.gelu(h, approximate=self.approximate), ("batch", None, "mlp"))
         out = _matmul(h, self.c_proj, 1)
         if self.c_proj_bias is not None:
-            out = out + self.c_proj_bias[...].astype(x.dtype)
-        return out
+            out = out + _value(self.c_proj_bias, x.dtype)
+        return constrain(out, BTD)
 
 
 class Block(nnx.Module):
@@ -268,10 +284,11 @@ class Block(nnx.Module):
 
     def __call__(self, x, positions, dropout_key, cache=None):
         k_attn, k_res1, k_res2 = jax.random.split(dropout_key, 3) if dropout_key is not None else (None,) * 3
+        x = constrain(x, BTD)
         y, new_cache = self.attn(self.ln_1(x), positions, k_attn, cache)
-        x = x + _dropout(y, self.resid_dropout, k_res1)
+        x = constrain(x + _dropout(y, self.resid_dropout, k_res1), BTD)
         x = x + _dropout(self.mlp(self.ln_2(x)), self.resid_dropout, k_res2)
-        return x, new_cache
+        return constrain(x, BTD), new_cache
 
 
 class GPT(nnx.Module):
@@ -334,14 +351,15 @@ class GPT(nnx.Module):
 
     def embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
         dtype = jnp.dtype(self.config.dtype)
-        x = jnp.take(self.wte[...], tokens, axis=0).astype(dtype)  # (B, T, D)
+        x = jnp.take(_value(self.wte, dtype), tokens, axis=0)  # (B, T, D)
         if self.wpe is not None:
-            x = x + jnp.take(self.wpe[...], positions, axis=0).astype(dtype)
-        return x
+            x = x + jnp.take(_value(self.wpe, dtype), positions, axis=0)
+        return constrain(x, BTD)
 
     def logits(self, x: jax.Array) -> jax.Array:
         head = self.wte if self.lm_head is None else self.lm_head
-        return jnp.einsum("BTD,VD->BTV", x, head[...].astype(x.dtype), preferred_element_type=jnp.float32)
+        logits = jnp.einsum("BTD,VD->BTV", x, _value(head, x.dtype), preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", None, "vocab"))
 
     def _over_layers(self, x, layer, layer_keys):
         """Apply ``layer(x, block, key)`` for each stacked block, scanned or unrolled."""

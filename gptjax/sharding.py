@@ -12,13 +12,24 @@ The model names each parameter axis logically (``vocab``, ``embed``, ``heads``, 
 
 The batch is split over (``data``, ``fsdp``). A dimension that a mesh axis does not
 divide is left unsplit on that axis rather than padded.
+
+Activations are named too (:func:`constrain`): the model pins its hidden states to
+``batch`` over (``data``, ``fsdp``) with the model dimension whole, and its heads and MLP
+hidden units over ``tensor``. Without that, XLA propagates the parameters' ``embed``
+sharding into the activations and an FSDP step computes the whole global batch on a slice
+of the model dimension (all-reducing global-batch activations). Each weight is pinned to
+its own sharding where it is used (:func:`constrain_param`), so its gradient keeps that
+sharding: FSDP all-gathers weights in the forward pass and reduce-scatters gradients.
+The constraints act while a step is traced under :func:`under_mesh`; elsewhere (the
+sampler, a single device) they are no-ops.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -39,6 +50,14 @@ RULES: dict[str | None, str | None] = {
     "head_dim": None,
     "layers": None,
     None: None,
+}
+
+
+# Activation axes: the batch over every data-parallel axis, the model dimension whole.
+ACTIVATION_RULES: dict[str | None, str | tuple[str, ...] | None] = {
+    **RULES,
+    "batch": BATCH_AXES,
+    "embed": None,
 }
 
 
@@ -76,25 +95,64 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=axis_types)
 
 
-def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
-    """The PartitionSpec of an array whose dimensions have logical names ``axes``."""
+def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh, rules=None) -> PartitionSpec:
+    """The PartitionSpec of an array whose dimensions have logical names ``axes``.
+
+    ``rules`` maps names to a mesh axis or a tuple of them (default :data:`RULES`); mesh
+    axes of size 1, already used, or not dividing the dimension are dropped.
+    """
     if len(axes) != len(shape):
         raise ValueError(f"logical axes {axes} do not match shape {shape}")
+    rules = RULES if rules is None else rules
     used: set[str] = set()
     spec = []
     for name, dim in zip(axes, shape, strict=True):
-        mesh_axis = RULES.get(name)
-        if (
-            mesh_axis is None
-            or mesh_axis in used
-            or dim % mesh.shape[mesh_axis]
-            or mesh.shape[mesh_axis] == 1
-        ):
-            spec.append(None)
-        else:
-            spec.append(mesh_axis)
-            used.add(mesh_axis)
+        target = rules.get(name)
+        kept = []
+        for mesh_axis in (target,) if isinstance(target, str) else (target or ()):
+            size = mesh.shape[mesh_axis] * math.prod(mesh.shape[a] for a in kept)
+            if mesh_axis not in used and mesh.shape[mesh_axis] > 1 and dim % size == 0:
+                kept.append(mesh_axis)
+                used.add(mesh_axis)
+        spec.append(None if not kept else kept[0] if isinstance(target, str) else tuple(kept))
     return PartitionSpec(*spec)
+
+
+def under_mesh(mesh: Mesh, fn: Callable) -> Callable:
+    """``fn`` traced with ``mesh`` as the abstract mesh, so that :func:`constrain` acts in it."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def _current_mesh():
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty or mesh.size == 1 else mesh
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Pin activation ``x`` (dimensions named ``axes``, see :data:`ACTIVATION_RULES`) to the mesh."""
+    mesh = _current_mesh()
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, spec_for(axes, x.shape, mesh, ACTIVATION_RULES))
+
+
+def constrain_param(value: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Pin a parameter's value where it is used to its stored sharding (its gradient follows).
+
+    ``axes`` may still carry the leading ``layers`` of a stacked parameter that a scan has
+    sliced; it is dropped then.
+    """
+    mesh = _current_mesh()
+    if mesh is None:
+        return value
+    axes = tuple(axes)[len(axes) - value.ndim :]
+    return jax.lax.with_sharding_constraint(value, spec_for(axes, value.shape, mesh))
 
 
 def param_shardings(abstract_params: nnx.State, mesh: Mesh) -> nnx.State:

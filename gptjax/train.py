@@ -256,13 +256,13 @@ def build(config: Config, mesh: jax.sharding.Mesh | None = None) -> Setup:
     )
     batch_sh = sharding.batch_sharding(mesh)
     train_step = jax.jit(
-        make_train_step(graphdef, optimizer, config),
+        sharding.under_mesh(mesh, make_train_step(graphdef, optimizer, config)),
         in_shardings=(state_sh, batch_sh),
         out_shardings=(state_sh, replicated),
         donate_argnums=0,
     )
     eval_step = jax.jit(
-        make_eval_step(graphdef), in_shardings=(param_sh, batch_sh, batch_sh), out_shardings=replicated
+        sharding.under_mesh(mesh, make_eval_step(graphdef)), in_shardings=(param_sh, batch_sh, batch_sh), out_shardings=replicated
     )
     return Setup(mesh, graphdef, abstract_state, jax.jit(init, out_shardings=state_sh), train_step, eval_step)
 
