@@ -46,7 +46,8 @@ class Collective:
         kind: ``all-reduce``, ``all-gather``, ``reduce-scatter``, ``all-to-all`` or
             ``collective-permute``.
         shapes: The per-device array shapes it produces, e.g. ``("f32[8,256]",)``.
-        bytes: Per-device bytes of the larger of operand and result, one execution.
+        bytes: Per-device bytes of the larger of operands and results (a tuple's elements
+            summed), one execution.
         count: Executions per step (loop trip counts multiplied in).
     """
 
@@ -65,16 +66,13 @@ def _dims(shape: str) -> tuple[int, ...]:
     return tuple(int(d) for d in inner.split(",") if d)
 
 
-def _shape_bytes(text: str) -> tuple[list[str], int]:
-    """Array shapes in an HLO type string and the largest one's size in bytes."""
-    shapes, largest = [], 0
-    for dtype, dims in _SHAPE.findall(text):
-        if dtype not in _DTYPE_BYTES:
-            continue
-        shape = f"{dtype}[{dims}]"
-        shapes.append(shape)
-        largest = max(largest, math.prod(_dims(shape)) * _DTYPE_BYTES[dtype])
-    return shapes, largest
+def _shapes(text: str) -> list[str]:
+    """The array shapes in an HLO type string (a tuple's elements in order)."""
+    return [f"{dtype}[{dims}]" for dtype, dims in _SHAPE.findall(text) if dtype in _DTYPE_BYTES]
+
+
+def _nbytes(shapes: list[str]) -> int:
+    return sum(math.prod(_dims(s)) * _DTYPE_BYTES[s[: s.index("[")]] for s in shapes)
 
 
 def inventory(hlo_text: str) -> list[Collective]:
@@ -122,14 +120,16 @@ def inventory(hlo_text: str) -> list[Collective]:
             op = _OP.search(line)
             if op is None or multiplier[name] == 0:
                 continue
-            result_shapes, result_bytes = _shape_bytes(op.group(1))
-            operand_shapes, operand_bytes = _shape_bytes(line[op.end() :].split(")")[0])
+            result_shapes = _shapes(op.group(1))
+            operand_shapes = _shapes(line[op.end() :].split(")")[0])
             if op.group(3):  # async start: the result tuple holds (operands, outputs)
-                result_shapes = result_shapes[len(result_shapes) // 2 :] or result_shapes
+                skip = len(operand_shapes) or len(result_shapes) // 2  # operands' types may be unprinted
+                result_shapes = result_shapes[skip:] or result_shapes
+            nbytes = max(_nbytes(result_shapes), _nbytes(operand_shapes))
             kind = op.group(2)
             if kind == "all-reduce" and name.startswith("all-reduce-scatter"):
                 kind = "reduce-scatter"  # XLA:TPU's reduce-scatter: all-reduce + slice, one fusion
-            merged[(kind, tuple(result_shapes), max(result_bytes, operand_bytes))] += multiplier[name]
+            merged[(kind, tuple(result_shapes), nbytes)] += multiplier[name]
     return sorted(
         (Collective(kind, shapes, nbytes, count) for (kind, shapes, nbytes), count in merged.items()),
         key=lambda c: (-c.bytes * c.count, c.kind),

@@ -22,21 +22,31 @@ estimate is printed instead: exact sharded bytes of parameters, optimizer state 
 from the abstract state, plus activations estimated as ``n_layer * B * T * (34 D + 5 N T)``
 bytes per device (Korthikanti et al. 2022, fp16 formula scaled to the compute dtype's
 width), divided by the data-parallel size. The report says which method produced it.
+
+TPU targets (``--target v5e-16``, see :mod:`gptjax.targets`): the step is compiled by
+libtpu's XLA:TPU compiler for the target's abstract chips, in a subprocess with
+``JAX_PLATFORMS=cpu``. ``auto`` settings resolve as on that TPU (``model.remat=auto`` is
+``none``). The report adds the generation's HBM per chip, FLOPs per step and the
+collective inventory (:mod:`gptjax.collectives`); the compiler's ``CompileTimeHbmOom``
+becomes ``fits: false`` with the compiler's own numbers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from gptjax import sharding
+from gptjax import collectives, sharding
 from gptjax.config import Config
 from gptjax.errors import GptjaxError
 from gptjax.model import remat_policy
@@ -63,11 +73,11 @@ def target_memory(device_memory: float = 0) -> tuple[int, str]:
     return ram, "this machine's RAM (CPU devices share it)"
 
 
-def _analyse(config: Config) -> dict[str, Any]:
-    """Build, lower and compile the train step on the visible devices; sizes per device."""
+def _analyse(config: Config, devices=None) -> dict[str, Any]:
+    """Build, lower and compile the train step on ``devices`` (default: visible); sizes per device."""
     from gptjax.train import build
 
-    setup = build(config)
+    setup = build(config, sharding.make_mesh(config.mesh, devices) if devices is not None else None)
     state = setup.abstract_state
     batch = jax.ShapeDtypeStruct(
         (config.train.batch_size, config.model.block_size + 1),
@@ -82,20 +92,30 @@ def _analyse(config: Config) -> dict[str, Any]:
     report: dict[str, Any] = {
         "mesh": dict(setup.mesh.shape),
         "devices": setup.mesh.devices.size,
-        "device_kind": jax.devices()[0].device_kind,
+        "device_kind": setup.mesh.devices.flat[0].device_kind,
         **sizes,
         "params": sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)),
     }
+    start = time.perf_counter()
     try:
-        import time
-
-        start = time.perf_counter()
         compiled = setup.train_step.lower(state, batch).compile()
         report["compile_s"] = time.perf_counter() - start
         memory = compiled.memory_analysis()
     except Exception as e:  # an XLA failure (e.g. out of host memory) falls back to the estimate
+        report["compile_s"] = time.perf_counter() - start
+        oom = _hbm_oom(str(e), report)
+        if oom:  # XLA:TPU stops at its memory limit: that is the answer, not a failure
+            return {**report, **oom}
         report["compile_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         memory = None
+    else:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        report["flops_per_step"] = float((cost or {}).get("flops", 0.0))
+        inventory = collectives.inventory(compiled.as_text())
+        report["collectives"] = collectives.totals(inventory)
+        report["collective_bytes"] = collectives.total_bytes(inventory)
+        report["collective_top"] = [dataclasses.asdict(c) for c in inventory[:8]]
     if memory is not None:
         report.update(
             method="compiled (XLA memory_analysis of the AOT-compiled train step)",
@@ -136,7 +156,35 @@ def _analytic(config: Config, sizes: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def dry_run(config: Config, *, n_devices: int = 0, device_memory: float = 0) -> dict[str, Any]:
+def _hbm_oom(message: str, report: dict[str, Any]) -> dict[str, Any] | None:
+    """XLA:TPU's compile-time HBM OOM as a report (its numbers), or None for any other error.
+
+    The compiler says e.g. "the total memory required for HLO temporaries (52.58G) exceeds
+    available HBM (15.75G)"; the total adds the sharded state and batch to those temporaries.
+    """
+    if "RESOURCE_EXHAUSTED" not in message or "HBM" not in message:
+        return None
+    sizes = dict(re.findall(r"(temporaries|HBM)\s*\(([\d.]+[KMGT])\)", message))
+    temp = _to_bytes(sizes["temporaries"]) if "temporaries" in sizes else 0
+    state = report["params_bytes"] + report["opt_state_bytes"] + report["batch_bytes"]
+    return {
+        "method": "compiled: XLA:TPU stopped at its HBM limit (CompileTimeHbmOom)",
+        "temp_bytes": temp,
+        "total_bytes": state + temp,
+        "compiler_limit_bytes": _to_bytes(sizes["HBM"]) if "HBM" in sizes else None,
+        "hbm_oom": next(line for line in message.splitlines() if "HBM" in line).strip()[:400],
+        "fits": False,
+    }
+
+
+def _to_bytes(size: str) -> int:
+    """``52.58G`` -> bytes (XLA prints binary units)."""
+    return int(float(size[:-1]) * 2 ** (10 * " KMGT".index(size[-1])))
+
+
+def dry_run(
+    config: Config, *, n_devices: int = 0, device_memory: float = 0, target: str = ""
+) -> dict[str, Any]:
     """Compile ``config``'s train step without running it and report per-device memory.
 
     Args:
@@ -145,10 +193,14 @@ def dry_run(config: Config, *, n_devices: int = 0, device_memory: float = 0) -> 
             compiles against that many fake CPU devices in a subprocess (CPU backend).
         device_memory: Bytes per target device; 0 reads it from the device (see
             :func:`target_memory`).
+        target: A TPU slice (``v5e-16``, see :mod:`gptjax.targets`) to compile for with
+            libtpu instead of the visible devices.
 
     Returns:
         The report: mesh, method, byte counts, ``target_bytes`` and ``fits``.
     """
+    if target:
+        return tpu_dry_run(config, target, device_memory=device_memory)
     visible = jax.device_count()
     if n_devices and n_devices != visible:
         if n_devices < visible:
@@ -162,12 +214,47 @@ def dry_run(config: Config, *, n_devices: int = 0, device_memory: float = 0) -> 
     return report
 
 
-def _in_subprocess(config: Config, n_devices: int) -> dict[str, Any]:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
-    env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={n_devices}"])
+def tpu_dry_run(config: Config, target: str, *, device_memory: float = 0) -> dict[str, Any]:
+    """:func:`dry_run` for a TPU slice: compiled by libtpu in a subprocess (see the module doc)."""
+    from gptjax import targets
+
+    slice_ = targets.parse_target(target)
+    if not targets.libtpu_available():
+        raise GptjaxError("--target needs libtpu to compile for TPU: pip install -e '.[tpu]'")
+    report = _in_subprocess(for_tpu(config), 0, target=target)
+    report["target"] = target
+    report["topology"] = f"{slice_.topology}" + (
+        f" x {slice_.num_slices} slices" if slice_.num_slices > 1 else ""
+    )
+    if device_memory > 0:
+        report["target_bytes"], report["target_source"] = int(device_memory), "given (--device-memory)"
+    else:
+        hbm = slice_.generation.hbm_bytes
+        report["target_bytes"], report["target_source"] = hbm, f"{slice_.generation.name} HBM per chip"
+    report.setdefault("fits", report["total_bytes"] <= report["target_bytes"])
+    return report
+
+
+def for_tpu(config: Config) -> Config:
+    """``config`` with its ``auto`` model settings resolved as on a TPU."""
+    m = config.model
+    remat = "none" if m.remat == "auto" else m.remat
+    return dataclasses.replace(config, model=dataclasses.replace(m, remat=remat))
+
+
+def _in_subprocess(config: Config, n_devices: int, target: str = "") -> dict[str, Any]:
+    if target:
+        from gptjax.targets import tpu_env
+
+        env = tpu_env()
+        argv = ["--target", target]
+    else:
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        flags = [f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
+        env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={n_devices}"])
+        argv = []
     out = subprocess.run(
-        [sys.executable, "-m", "gptjax.preflight"],
+        [sys.executable, "-m", "gptjax.preflight", *argv],
         input=config.to_json(),
         capture_output=True,
         text=True,
@@ -175,8 +262,12 @@ def _in_subprocess(config: Config, n_devices: int) -> dict[str, Any]:
         check=False,
     )
     if out.returncode:
-        raise GptjaxError(f"dry run on {n_devices} fake devices failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        where = target or f"{n_devices} fake devices"
+        raise GptjaxError(f"dry run on {where} failed:\n{out.stderr[-2000:]}")
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    if "error" in report:
+        raise GptjaxError(report["error"])
+    return report
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -185,7 +276,8 @@ def format_report(report: dict[str, Any]) -> str:
     def mib(n):
         return f"{n / 2**20:,.1f} MiB"
 
-    rows = [
+    rows = [("target", f"{report['target']} ({report['topology']})")] if "target" in report else []
+    rows += [
         ("mesh", f"{report['mesh']} on {report['devices']} x {report['device_kind']}"),
         ("method", report["method"]),
         ("parameters", f"{report['params']:,} ({mib(report['params_bytes'])} per device)"),
@@ -203,14 +295,34 @@ def format_report(report: dict[str, Any]) -> str:
             rows.append((label, mib(report[key])))
     rows.append(("total per device", mib(report["total_bytes"])))
     verdict = "fits" if report["fits"] else "does NOT fit"
-    rows.append(("target", f"{mib(report['target_bytes'])} ({report['target_source']}): {verdict}"))
+    rows.append(("memory", f"{mib(report['target_bytes'])} ({report['target_source']}): {verdict}"))
+    if "hbm_oom" in report:
+        rows.append(("compiler", report["hbm_oom"]))
     if "compile_s" in report:
         rows.append(("compile time", f"{report['compile_s']:.1f} s"))
+    if report.get("flops_per_step"):
+        rows.append(("FLOPs per step", f"{report['flops_per_step']:.3e} per device"))
+    for kind, t in report.get("collectives", {}).items():
+        rows.append((kind, f"{t['count']} per step, {mib(t['bytes'])} per device"))
     if "compile_error" in report:
         rows.append(("compile error", report["compile_error"]))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-if __name__ == "__main__":  # the subprocess of a dry run on more devices than are visible
-    print(json.dumps(_analyse(Config.from_dict(json.loads(sys.stdin.read())))))
+def _main(argv: list[str]) -> dict[str, Any]:
+    """The subprocess of a dry run on more devices than are visible, or on a TPU target."""
+    config = Config.from_dict(json.loads(sys.stdin.read()))
+    if argv[:1] != ["--target"]:
+        return _analyse(config)
+    from gptjax import targets
+
+    try:
+        devices = targets.tpu_devices(targets.parse_target(argv[1]))
+        return _analyse(config, devices)
+    except GptjaxError as e:
+        return {"error": str(e)}
+
+
+if __name__ == "__main__":
+    print(json.dumps(_main(sys.argv[1:])))

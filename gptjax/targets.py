@@ -137,6 +137,9 @@ def tpu_devices(target: Target) -> list:
         raise GptjaxError("compiling for TPU needs libtpu: pip install -e '.[tpu]'")
     from jax.experimental import topologies
 
+    for name, value in tpu_env({}).items():  # read when libtpu loads, in this process too
+        if name != "JAX_PLATFORMS":
+            os.environ.setdefault(name, value)
     bounds = (2, 2, 1) if target.chips >= 4 else (target.chips, 1, 1)
     try:
         topology = topologies.get_topology_desc(
