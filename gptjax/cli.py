@@ -310,7 +310,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", type=int, default=0, help="dry run: target mesh size (default: visible)")
     p.add_argument("--device-memory", type=float, default=0, help="dry run: bytes per target device")
     p.add_argument("--json", action="store_true", help="dry run: print the report as JSON")
-    p.add_argument("--target", default="", help="dry run: compile for a TPU slice with libtpu (v5e-16, v5p-32...)")
+    p.add_argument("--target", default="", help="dry run: compile for a TPU slice with libtpu (v5e-16...)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("launch", help="run a gptjax command as N local processes (multi-host on one machine)")

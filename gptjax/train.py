@@ -262,7 +262,9 @@ def build(config: Config, mesh: jax.sharding.Mesh | None = None) -> Setup:
         donate_argnums=0,
     )
     eval_step = jax.jit(
-        sharding.under_mesh(mesh, make_eval_step(graphdef)), in_shardings=(param_sh, batch_sh, batch_sh), out_shardings=replicated
+        sharding.under_mesh(mesh, make_eval_step(graphdef)),
+        in_shardings=(param_sh, batch_sh, batch_sh),
+        out_shardings=replicated,
     )
     return Setup(mesh, graphdef, abstract_state, jax.jit(init, out_shardings=state_sh), train_step, eval_step)
 
