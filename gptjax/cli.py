@@ -93,6 +93,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0 if result.step >= 0 else 1
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from gptjax.config import load_config
+    from gptjax.plan import format_plan, plan
+
+    result = plan(load_config(args.config, args.overrides), args.target, compile=args.compile)
+    print(json.dumps(result, indent=2) if args.json else format_plan(result))
+    return 0 if result["best"] else 1
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     from gptjax.runs import load
     from gptjax.sample import SamplingParams, generate, stream
@@ -312,6 +321,14 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="dry run: print the report as JSON")
     p.add_argument("--target", default="", help="dry run: compile for a TPU slice with libtpu (v5e-16...)")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("plan", help="choose mesh, remat and accumulation for a TPU slice (compiles it)")
+    p.add_argument("config", help="a preset or a .py config file")
+    p.add_argument("overrides", nargs="*", help="section.field=value")
+    p.add_argument("--target", required=True, help="a TPU slice: v5e-16, v5litepod-16, v4-32, v5p-128, v6e-8")
+    p.add_argument("--compile", type=int, default=3, help="candidates to compile (best estimate first)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("launch", help="run a gptjax command as N local processes (multi-host on one machine)")
     p.add_argument("--processes", type=int, required=True)

@@ -152,7 +152,10 @@ def constrain_param(value: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     if mesh is None:
         return value
     axes = tuple(axes)[len(axes) - value.ndim :]
-    return jax.lax.with_sharding_constraint(value, spec_for(axes, value.shape, mesh))
+    spec = spec_for(axes, value.shape, mesh)
+    if all(p is None for p in spec):  # replicated: leave XLA free to sum micro-batches locally
+        return value
+    return jax.lax.with_sharding_constraint(value, spec)
 
 
 def param_shardings(abstract_params: nnx.State, mesh: Mesh) -> nnx.State:
