@@ -28,12 +28,10 @@ from typing import Any
 
 from gptjax.config import Config, apply_overrides
 from gptjax.errors import GptjaxError
+from gptjax.preflight import step_flops, tpu_dry_run
 from gptjax.targets import Target, parse_target
 
 REMATS = ("none", "dots", "full")
-# Recomputation cost of each policy as a fraction of the step's FLOPs (full remat reruns
-# the forward pass: 1/3 of forward + backward; dots reruns the elementwise work only).
-_REMAT_FLOPS = {"none": 0.0, "dots": 0.05, "full": 1 / 3}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +91,8 @@ def estimate(config: Config, target: Target, c: Candidate) -> dict[str, float]:
     )
     one_layer = ((10 + 24 / c.tensor) * d + 5 * m.n_head * t / c.tensor) * width / 2
     activations = rows * t * (layers * per_layer + one_layer) + rows * t * v * 4 * 2 / c.tensor
-    tokens = config.train.batch_size * t
-    flops = (6 * params + 6 * layers * t * d) * tokens * (1 + _REMAT_FLOPS[c.remat]) / target.devices
+    candidate = apply_overrides(config, [f"model.remat={c.remat}"])
+    flops = step_flops(candidate, target.devices)
     comm = 0.0
     if c.data * c.fsdp > 1:  # gradients reduced once (all-reduce, or reduce-scatter + FSDP gathers)
         comm += params * width * (2 if c.fsdp == 1 else 3) / c.tensor
@@ -119,7 +117,9 @@ def objective(report: dict[str, Any], target: Target) -> float:
     )
 
 
-def plan(config: Config, target_name: str, *, compile: int = 3, slack: float = 1.25) -> dict[str, Any]:
+def plan(
+    config: Config, target_name: str, *, compile: int = 3, slack: float = 1.25, first_fit: bool = False
+) -> dict[str, Any]:
     """Search layouts for ``config`` on ``target_name``; compile the most promising; rank those that fit.
 
     Args:
@@ -128,14 +128,13 @@ def plan(config: Config, target_name: str, *, compile: int = 3, slack: float = 1
         target_name: A TPU slice, e.g. ``v5e-16``.
         compile: How many candidates (best analytic estimate first) to compile.
         slack: Keep candidates whose analytic memory is at most ``slack`` x HBM.
+        first_fit: Stop compiling at the first candidate that fits.
 
     Returns:
         ``{"target", "considered", "estimated": [...], "compiled": [...], "best"}``; each
         compiled entry has the candidate, its dry-run report's key numbers, ``fits`` and
         ``objective_s``; ``best`` is the fitting one with the smallest objective (or None).
     """
-    from gptjax.preflight import tpu_dry_run
-
     target = parse_target(target_name)
     pool = candidates(config, target)
     if not pool:
@@ -144,7 +143,10 @@ def plan(config: Config, target_name: str, *, compile: int = 3, slack: float = 1
             f"and model.n_head ({config.model.n_head})"
         )
     hbm = target.generation.hbm_bytes
-    scored = sorted(((estimate(config, target, c), c) for c in pool), key=lambda e: e[0]["seconds"])
+    scored = sorted(
+        ((estimate(config, target, c), c) for c in pool),
+        key=lambda e: (e[0]["seconds"], e[0]["memory_bytes"]),
+    )
     kept = [(e, c) for e, c in scored if e["memory_bytes"] <= slack * hbm]
     compiled = []
     for est, cand in kept[:compile]:
@@ -160,6 +162,8 @@ def plan(config: Config, target_name: str, *, compile: int = 3, slack: float = 1
                 "objective_s": objective(report, target) if report["fits"] else None,
             }
         )
+        if first_fit and report["fits"]:
+            break
     fitting = sorted((r for r in compiled if r["fits"]), key=lambda r: r["objective_s"])
     best = fitting[0] if fitting else None
     return {
