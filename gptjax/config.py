@@ -67,8 +67,10 @@ class ModelConfig:
         activation: ``gelu_tanh`` (GPT-2's approximation) or ``gelu`` (exact erf form).
         dtype: Compute dtype of activations and matmuls; ``bfloat16`` on accelerators.
         param_dtype: Storage dtype of parameters (and so of optimizer state).
-        attention: ``xla`` (portable), ``cudnn`` (flash attention on NVIDIA GPUs) or
-            ``auto`` (cuDNN when running on a GPU with a 16-bit dtype, else XLA).
+        attention: ``xla`` (portable), ``cudnn`` (flash attention on NVIDIA GPUs),
+            ``splash`` (the Pallas splash-attention kernel on TPU; interpreted, slowly,
+            elsewhere) or ``auto`` (splash on TPU, cuDNN on a GPU with a 16-bit dtype,
+            else XLA).
         remat: Activation recomputation in the backward pass: ``none``, ``full``
             (recompute each block), ``dots`` (save the weight matmuls' outputs, recompute
             the rest) or ``auto`` (``dots`` on CPU, where it is faster, else ``none``).
@@ -93,7 +95,7 @@ class ModelConfig:
     activation: Literal["gelu_tanh", "gelu"] = "gelu_tanh"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    attention: Literal["auto", "xla", "cudnn"] = "auto"
+    attention: Literal["auto", "xla", "cudnn", "splash"] = "auto"
     remat: Literal["auto", "none", "full", "dots"] = "auto"
     scan_layers: bool = True
 

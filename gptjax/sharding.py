@@ -134,6 +134,28 @@ def _current_mesh():
     return None if mesh.empty or mesh.size == 1 else mesh
 
 
+def current_platform() -> str:
+    """The platform a step is being traced for: the mesh's devices' (a TPU topology compiled
+    on a CPU host says ``tpu``), else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.abstract_device is not None:
+        return mesh.abstract_device.platform
+    return jax.default_backend()
+
+
+def map_shards(fn: Callable, axes: Sequence[str | None], *args: jax.Array) -> jax.Array:
+    """``fn(*args)`` run on each device's shards (``shard_map``), for kernels XLA cannot partition.
+
+    Every argument and the result have dimensions named ``axes`` (:data:`ACTIVATION_RULES`);
+    without a mesh, ``fn`` sees the whole arrays.
+    """
+    mesh = _current_mesh()
+    if mesh is None:
+        return fn(*args)
+    specs = tuple(spec_for(axes, a.shape, mesh, ACTIVATION_RULES) for a in args)
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=specs[0], check_vma=False)(*args)
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """Pin activation ``x`` (dimensions named ``axes``, see :data:`ACTIVATION_RULES`) to the mesh."""
     mesh = _current_mesh()
