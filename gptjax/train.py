@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -181,11 +183,25 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer, config: Config):
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "skipped": 1 - finite}
         new_state = TrainState(
-            state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state), state.rng
+            state.step + 1,
+            keep(params, state.params),
+            keep_moments(finite, opt_state, state.opt_state),
+            state.rng,
         )
         return new_state, metrics
 
     return train_step
+
+
+def keep_moments(finite: jax.Array, new: optax.OptState, old: optax.OptState) -> optax.OptState:
+    """``new`` where the step was finite, else ``old``, except the schedules' step counts.
+
+    A skipped step still advances ``state.step``, so the schedules advance with it: the
+    optimizer's schedule count is always ``state.step`` and the logged lr is the applied one.
+    """
+    is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
+    pick = lambda n, o: n if is_schedule(n) else jnp.where(finite, n, o)
+    return jax.tree.map(pick, new, old, is_leaf=is_schedule)
 
 
 def make_eval_step(graphdef: nnx.GraphDef):
@@ -398,7 +414,8 @@ def _run(config, run_dir, dataset, setup, ckpt, logger, stop_at, batch_hook) -> 
         process_count=jax.process_count(),
     )
     val_bytes = dataset.meta.get("bytes", {}).get("val")
-    bytes_per_token = val_bytes / len(dataset.val) if val_bytes else None
+    # Per predicted token: N tokens hold N - 1 predictions (as evaluate.lm_metrics counts).
+    bytes_per_token = val_bytes / max(len(dataset.val) - 1, 1) if val_bytes else None
     flops = flops_per_token(config.model, seq)["total"]
     peak, peak_source = peak_flops(config.model.dtype, tc.peak_flops)
     n_devices = setup.mesh.devices.size
@@ -506,3 +523,17 @@ def _samples(config: Config, setup: Setup, params, tokenizer, logger) -> list[st
     for i, text in enumerate(out.texts):
         logger.print(f"--- sample {i} ---\n{sc.prompt}{text}")
     return list(out.texts)
+
+
+class _CallableModule(types.ModuleType):
+    """``gptjax.train`` is this module, and calling it runs :func:`train`.
+
+    So ``gptjax.train(config)`` trains, while ``gptjax.train.build`` and
+    ``import gptjax.train`` reach the module instead of a function that shadows it.
+    """
+
+    def __call__(self, *args, **kwargs) -> TrainResult:
+        return train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
