@@ -374,7 +374,14 @@ _SECTIONS: dict[str, type] = {
 
 MODEL_PRESETS: dict[str, ModelConfig] = {
     # Radford et al. 2018: 12 x 768, 12 heads, 512 context, 40,478 BPE tokens, exact GELU.
-    "gpt1": ModelConfig(vocab_size=40478, block_size=512, activation="gelu"),
+    "gpt1": ModelConfig(
+        vocab_size=40478,
+        block_size=512,
+        activation="gelu",
+        embd_dropout=0.1,
+        attn_dropout=0.1,
+        resid_dropout=0.1,
+    ),
     # Radford et al. 2019 (the released GPT-2 checkpoints' hyperparameters).
     "gpt2": ModelConfig(n_layer=12, n_head=12, n_embd=768),
     "gpt2-medium": ModelConfig(n_layer=24, n_head=16, n_embd=1024),
@@ -410,7 +417,23 @@ def quickstart() -> Config:
     )
 
 
-RUN_PRESETS = {"quickstart": quickstart}
+def gpt1() -> Config:
+    """GPT-1's pretraining recipe (Radford et al. 2018, section 4.1): dropout 0.1, Adam
+    (beta2 0.999) at 2.5e-4 warmed up over 2000 updates and cosine-annealed to 0, weight
+    decay 0.01, minibatches of 64 x 512 tokens. The paper gives 100 epochs of BooksCorpus,
+    not an update count: set ``train.steps`` for your data. GPT-1's 40k BPE is not a
+    tiktoken encoding, so the tokenizer is bytes until you bring token files.
+    """
+    return Config(
+        name="gpt1",
+        model=MODEL_PRESETS["gpt1"],
+        data=DataConfig(tokenizer="bytes"),
+        optim=OptimConfig(lr=2.5e-4, min_lr=0.0, warmup_steps=2000, beta2=0.999, weight_decay=0.01),
+        train=TrainConfig(steps=100_000, batch_size=64),
+    )
+
+
+RUN_PRESETS = {"quickstart": quickstart, "gpt1": gpt1}
 
 
 def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
