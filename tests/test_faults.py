@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -198,3 +199,12 @@ def test_val_bits_per_byte_matches_gptjax_eval(corpus, tmp_path):
     reference = lm_metrics(model, config.data, batch_size=config.train.batch_size)
     assert result.metrics["val_loss"] == pytest.approx(reference["loss"], rel=1e-6)
     assert result.metrics["val_bits_per_byte"] == pytest.approx(reference["bits_per_byte"], rel=1e-6)
+
+
+def test_the_best_checkpoint_by_val_loss_is_kept_with_the_latest(tmp_path):
+    state = train_lib.TrainState(jnp.zeros((), jnp.int32), {"w": jnp.ones(2)}, (), jnp.zeros(2, jnp.uint32))
+    ckpt = Checkpointer(tmp_path / "checkpoints", keep=1, async_save=False)
+    for step, loss in [(1, 3.0), (2, 1.0), (3, 2.0), (4, 5.0)]:
+        ckpt.save(step, state, {"step": step}, metrics={"val_loss": loss})
+    ckpt.close()
+    assert sorted(Checkpointer(tmp_path / "checkpoints", read_only=True).all_steps()) == [2, 4]

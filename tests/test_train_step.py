@@ -93,7 +93,8 @@ def test_accumulation_equals_big_batch():
         setup = train_lib.build(config, mesh)
         params = setup.init().params
         grad_fn = jax.jit(train_lib.make_grad_fn(setup.graphdef, config))
-        results.append(grad_fn(params, batch, jax.random.key(0)))
+        (loss, _), (grads, _) = grad_fn((params, ()), batch, jax.random.key(0))  # (params, head)
+        results.append((loss, grads))
     (loss_big, grads_big), (loss_acc, grads_acc) = results
     assert abs(float(loss_big) - float(loss_acc)) <= 1e-6
     for a, b in zip(jax.tree.leaves(grads_big), jax.tree.leaves(grads_acc), strict=True):
