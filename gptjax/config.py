@@ -271,6 +271,35 @@ class TrainConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """How the next token is chosen; the filters combine (temperature first, then the rest).
+
+    Attributes:
+        temperature: Divides the logits; 0 is greedy (argmax), and values near 0 approach it.
+        top_k: Keep the k most likely tokens; 0 disables (Fan et al. 2018).
+        top_p: Keep the smallest set of most likely tokens whose probability reaches top_p
+            (nucleus sampling, Holtzman et al. 2020); 1 disables. The top token always stays.
+        min_p: Drop tokens whose probability is below min_p times the top token's (Nguyen
+            et al. 2024); 0 disables.
+    """
+
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.temperature < math.inf:
+            raise GptjaxError(f"temperature ({self.temperature}) must be >= 0 and finite (0 is greedy)")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise GptjaxError(f"top_k ({self.top_k}) must be an integer >= 1, or 0 to disable it")
+        if not 0 < self.top_p <= 1:
+            raise GptjaxError(f"top_p ({self.top_p}) must be in (0, 1]; 1 disables it")
+        if not 0 <= self.min_p < 1:
+            raise GptjaxError(f"min_p ({self.min_p}) must be in [0, 1); 0 disables it")
+
+
+@dataclass(frozen=True, kw_only=True)
 class SampleConfig:
     """Text generation.
 
@@ -278,29 +307,31 @@ class SampleConfig:
         prompt: Text the samples continue; empty starts from end-of-text.
         num_samples: Samples drawn (0: none at the end of training).
         max_new_tokens: Tokens generated per sample.
-        temperature: Softmax temperature; 0 is greedy.
-        top_k: Keep the k most likely tokens; 0 disables.
-        top_p: Keep the smallest set with this much probability (nucleus); 1 disables.
-        min_p: Drop tokens below min_p times the top probability; 0 disables.
+        temperature, top_k, top_p, min_p: The knobs of :class:`SamplingParams` (documented
+            and validated there, once).
         seed: Sampling seed.
     """
 
     prompt: str = ""
     num_samples: int = 2
     max_new_tokens: int = 200
-    temperature: float = 0.8
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
+    temperature: float = SamplingParams.temperature
+    top_k: int = SamplingParams.top_k
+    top_p: float = SamplingParams.top_p
+    min_p: float = SamplingParams.min_p
     seed: int = 0
 
     def __post_init__(self) -> None:
         _positive(self, "max_new_tokens")
         _check(self.num_samples >= 0, f"num_samples ({self.num_samples}) must be >= 0")
-        _check(self.temperature >= 0, f"temperature ({self.temperature}) must be >= 0")
-        _check(self.top_k >= 0, f"top_k ({self.top_k}) must be >= 0 (0 disables it)")
-        _check(0 < self.top_p <= 1, f"top_p ({self.top_p}) must be in (0, 1]")
-        _check(0 <= self.min_p < 1, f"min_p ({self.min_p}) must be in [0, 1)")
+        self.sampling_params  # noqa: B018  (the knobs validate once, as SamplingParams)
+
+    @property
+    def sampling_params(self) -> SamplingParams:
+        """The sampling knobs (temperature, top_k, top_p, min_p) as :class:`SamplingParams`."""
+        return SamplingParams(
+            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p
+        )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -386,7 +386,7 @@ def _eval_only(metrics: dict) -> dict:
 
 def _samples(config: Config, setup: Setup, params, tokenizer, logger) -> list[str]:
     """Print a few samples from the trained model (the sampler issue's generate)."""
-    from gptjax.sample import SamplingParams, generate
+    from gptjax.sample import generate
 
     sc = config.sample
     if not sc.num_samples:
@@ -397,7 +397,7 @@ def _samples(config: Config, setup: Setup, params, tokenizer, logger) -> list[st
         model,
         [sc.prompt] * sc.num_samples,
         max_new_tokens=max_new,
-        params=SamplingParams(temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p, min_p=sc.min_p),
+        params=sc.sampling_params,
         seed=sc.seed,
         tokenizer=tokenizer,
         eot_id=tokenizer.eot_id,
