@@ -17,3 +17,20 @@ def test_train_is_the_module_and_calling_it_trains():
     assert callable(gptjax.train.build) and callable(gptjax.train)
     # Calling the module is calling the function (same signature, same result type).
     assert gptjax.train.__call__.__annotations__["return"] in ("TrainResult", gptjax.train.TrainResult)
+
+
+def test_sampling_knobs_have_one_definition_and_one_validation():
+    import math
+
+    import pytest
+
+    from gptjax.config import SampleConfig
+    from gptjax.sample import SamplingParams
+
+    assert SampleConfig().sampling_params == SamplingParams()  # the same defaults
+    for bad in ({"temperature": math.inf}, {"top_k": -1}, {"top_p": 0.0}, {"min_p": 1.0}):
+        with pytest.raises(gptjax.GptjaxError) as from_config:
+            SampleConfig(**bad)
+        with pytest.raises(gptjax.GptjaxError) as from_params:
+            SamplingParams(**bad)
+        assert str(from_config.value) == str(from_params.value)
