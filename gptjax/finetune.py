@@ -44,14 +44,7 @@ from gptjax import finetune_data as fdata
 from gptjax import sharding
 from gptjax import train as train_lib
 from gptjax.checkpoint import Checkpointer
-from gptjax.config import (
-    Config,
-    MeshConfig,
-    SampleConfig,
-    TrainConfig,
-    _parse_value,
-    load_recipe,
-)
+from gptjax.config import Config, MeshConfig, SampleConfig, TrainConfig
 from gptjax.errors import GptjaxError
 from gptjax.finetune_model import (  # noqa: F401  (the public names of fine-tuning)
     SPECIAL_TOKENS,
@@ -68,6 +61,7 @@ from gptjax.finetune_model import (  # noqa: F401  (the public names of fine-tun
 )
 from gptjax.model import GPT
 from gptjax.optim import lr_schedule
+from gptjax.recipes import _parse_value, load_recipe
 
 TASKS = ("classification", "entailment", "similarity", "multiple_choice")
 
