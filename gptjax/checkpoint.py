@@ -26,13 +26,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from gptjax.errors import GptjaxError
-
-
-def _key_name(entry: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
+from gptjax.tree import key_name as _key_name
 
 
 def to_nested(tree: Any) -> dict:

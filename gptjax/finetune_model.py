@@ -13,8 +13,9 @@ import optax
 from flax import nnx
 
 from gptjax.config import OptimConfig
-from gptjax.model import GPT, _dropout
+from gptjax.model import GPT, _dropout, abstract
 from gptjax.optim import group_adamw, lr_schedule, weight_decay_mask
+from gptjax.tree import param_names
 
 SPECIAL_TOKENS = ("start", "delim", "extract")
 
@@ -26,7 +27,7 @@ SPECIAL_TOKENS = ("start", "delim", "extract")
 def grow_vocab(model: GPT, n_new: int, key: jax.Array) -> GPT:
     """The model with ``n_new`` embedding rows appended, initialised normal(0, 0.02)."""
     cfg = dataclasses.replace(model.config, vocab_size=model.config.vocab_size + n_new)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: GPT(cfg, key=jax.random.key(0))))
+    graphdef, _ = abstract(cfg)
     state = jax.tree.map(lambda x: x, nnx.state(model))  # a copy: the source model is untouched
     for name, k in zip(("wte", "lm_head"), jax.random.split(key), strict=True):
         if name in state:
@@ -133,7 +134,7 @@ def _by_group(params, n_layer, base_vocab, per_layer, top, bottom, new_rows):
         return jnp.where(new, jnp.asarray(new_rows), jnp.asarray(old))[:, None]
 
     def decide(path, leaf):
-        name = str(getattr(path[0], "key", path[0]))
+        name = param_names(path)[0]
         if name == "h":
             return jnp.asarray(per_layer).reshape((n_layer,) + (1,) * (leaf.ndim - 1))
         if name == "lm_head":

@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 
 from gptjax.config import OptimConfig
+from gptjax.tree import param_names
 
 # Parameters that weight decay applies to: the weight matrices. Embeddings join them when
 # ``optim.decay_embeddings`` is set; biases and LayerNorm parameters never do.
@@ -56,14 +57,7 @@ def weight_decay_mask(params: nnx.State, decay_embeddings: bool = False):
     """True for the parameters weight decay applies to (see ``_MATRICES``)."""
     names = _MATRICES + (_EMBEDDINGS if decay_embeddings else ())
 
-    def decide(path, _):
-        return _key(path[-2] if _key(path[-1]) == "value" else path[-1]) in names
-
-    return jax.tree_util.tree_map_with_path(decide, params)
-
-
-def _key(entry) -> str:
-    return str(getattr(entry, "key", getattr(entry, "name", entry)))
+    return jax.tree_util.tree_map_with_path(lambda path, _: param_names(path)[-1] in names, params)
 
 
 def make_optimizer(optim: OptimConfig, total_steps: int, params: nnx.State) -> optax.GradientTransformation:

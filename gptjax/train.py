@@ -33,6 +33,7 @@ from gptjax.errors import GptjaxError
 from gptjax.host import keep_freed_memory
 from gptjax.metrics import MetricsLogger, StepTimer, peak_flops, peak_memory
 from gptjax.model import GPT
+from gptjax.model import abstract as model_abstract
 from gptjax.optim import keep_moments, lr_schedule, make_optimizer, weight_decay_mask  # noqa: F401
 from gptjax.preemption import StopRequest
 from gptjax.runs import check_compatible, load_params, prepare_run_dir, read_config
@@ -120,7 +121,7 @@ def build(config: Config, mesh: jax.sharding.Mesh | None = None, task: Task | No
     root = jax.random.key(config.train.seed)
     init_key, _, train_key = jax.random.split(root, 3)
     head_key = jax.random.fold_in(init_key, 1)
-    graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: GPT(config.model, key=init_key)))
+    graphdef, abstract_params = model_abstract(config.model)
     abstract_head = jax.eval_shape(task.init_head, head_key)
     optimizer = task.optimizer(abstract_params, abstract_head, config.train.steps)
     param_sh = sharding.param_shardings(abstract_params, mesh)
