@@ -47,12 +47,16 @@ def _recipe():
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """A nano byte-level model pretrained for 120 steps on text like the tasks' (~15 s)."""
-    root = tmp_path_factory.mktemp("pretrain")
+def pretrained(suite_dir):
+    """A nano byte-level model pretrained for 120 steps on text like the tasks' (~15 s),
+    once per test run (the multidevice process reuses it)."""
+    root = suite_dir / "finetune-pretrain"
+    if (root / "run" / "result.json").is_file():
+        return root / "run"
+    root.mkdir(parents=True, exist_ok=True)
     recipe = _recipe()
     corpus = root / "corpus"
-    corpus.mkdir()
+    corpus.mkdir(exist_ok=True)
     rng = np.random.default_rng(0)
     for i in range(10):
         lines = [recipe._sentence(rng, str(rng.choice(["APPLE", "ZEBRA", "the"]))) for _ in range(200)]
@@ -64,7 +68,7 @@ def pretrained(tmp_path_factory):
         "optim.lr=3e-3",
         "train.checkpoint_every=0",
     ]
-    overrides += ["optim.warmup_steps=10", "sample.num_samples=1", f"train.run_dir={root / 'run'}"]
+    overrides += ["optim.warmup_steps=10", "sample.num_samples=0", f"train.run_dir={root / 'run'}"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GPTJAX_CACHE_DIR", str(root / "cache"))
         one_device = make_mesh(MeshConfig(), jax.devices()[:1])  # 8 fake devices only slow a nano model
@@ -349,19 +353,28 @@ def test_gpt1_preset_carries_the_gpt1_recipe():
 
 
 def _short(pretrained, tasks, run_dir, **fields):
-    cfg = _config(pretrained, tasks, run_dir, max_steps=6, eval_every=3, body_lr=1e-3, head_lr=3e-3)
-    return dataclasses.replace(cfg, **fields)
+    cfg = _config(pretrained, tasks, run_dir, max_steps=6, body_lr=1e-3, head_lr=3e-3)
+    return dataclasses.replace(cfg, **{"eval_every": 3, **fields})
 
 
+@pytest.mark.multidevice
 def test_finetune_on_8_devices_matches_one_device(pretrained, tasks, tmp_path):
     one = finetune(_short(pretrained, tasks, tmp_path / "one"), log=lambda _: None, mesh=_one_device())
     mesh = make_mesh(MeshConfig(data=4, fsdp=2))  # the 8 fake CPU devices
     eight = finetune(_short(pretrained, tasks, tmp_path / "eight"), log=lambda _: None, mesh=mesh)
     c_fc = eight.state.params["h"]["mlp"]["c_fc"][...]
     assert len(c_fc.sharding.device_set) == 8 and "fsdp" in str(c_fc.sharding.spec)
-    for a, b in zip(jax.tree.leaves((one.state.params, one.state.head)),
-                    jax.tree.leaves((eight.state.params, eight.state.head)), strict=True):  # fmt: skip
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    assert [h["val_loss"] for h in eight.history] == pytest.approx(
+        [h["val_loss"] for h in one.history], rel=1e-5
+    )
+    # The key bias is left out: softmax is invariant to it, so its true gradient is 0 and Adam
+    # turns float noise of 1e-9 into +-lr steps differently on each mesh (test_train_step).
+    flat_one = jax.tree_util.tree_flatten_with_path((one.state.params, one.state.head))[0]
+    for (path, a), b in zip(flat_one, jax.tree.leaves((eight.state.params, eight.state.head)), strict=True):
+        a, b = np.asarray(a), np.asarray(b)
+        if "c_attn_bias" in jax.tree_util.keystr(path):
+            a, b = a[:, [0, 2]], b[:, [0, 2]]  # (L, q/k/v, N, H): queries and values
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
 
 
 def test_finetune_sigterm_saves_and_resumes_bitwise(pretrained, tasks, tmp_path):
@@ -395,8 +408,7 @@ def test_finetune_skips_a_non_finite_step(pretrained, tasks, tmp_path):
     cfg = _short(pretrained, tasks, tmp_path / "ft", max_steps=3, eval_every=3)
     result = finetune(cfg, log=lambda _: None, mesh=_one_device(), batch_hook=poison)
     rows = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
-    skipped = {r["step"]: r["skipped"] for r in rows if "skipped" in r}
-    assert skipped == {1: 0, 2: 1, 3: 0}
+    assert [(r["skipped"], r["skipped_total"]) for r in rows if "skipped" in r] == [(0, 1)]  # step 3
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(result.state.params))
     assert np.isfinite(result.best["val_loss"])
 
