@@ -25,8 +25,8 @@ _MATRICES = ("c_attn", "c_proj", "c_fc", "lm_head")
 _EMBEDDINGS = ("wte", "wpe")
 
 
-def lr_schedule(optim: OptimConfig, total_steps: int):
-    """The learning rate at each step (0-based), as a jittable function.
+def lr_schedule(optim: OptimConfig, total_steps: int) -> optax.Schedule:
+    """The learning rate at each step (0-based), built from optax's schedules.
 
     Linear warmup from 0 at step 0 to ``lr`` at step ``warmup_steps``; then ``cosine``
     decays to ``min_lr`` at the last step (``total_steps - 1``), ``constant`` stays at
@@ -35,22 +35,17 @@ def lr_schedule(optim: OptimConfig, total_steps: int):
     """
     lr, floor, warmup = optim.lr, optim.min_lr, optim.warmup_steps
     last = max(total_steps - 1, 1)
-    decay_start = max(warmup, round(total_steps * (1 - optim.decay_fraction)))
-
-    def schedule(step):
-        step = jnp.asarray(step, jnp.float32)
-        warm = lr * step / max(warmup, 1)
-        if optim.schedule == "cosine":
-            progress = jnp.clip((step - warmup) / max(last - warmup, 1), 0.0, 1.0)
-            after = floor + 0.5 * (1 + jnp.cos(jnp.pi * progress)) * (lr - floor)
-        elif optim.schedule == "constant":
-            after = jnp.asarray(lr, jnp.float32)
-        else:  # wsd
-            progress = jnp.clip((step - decay_start) / max(last - decay_start, 1), 0.0, 1.0)
-            after = lr + progress * (floor - lr)
-        return jnp.where(step < warmup, warm, after)
-
-    return schedule
+    if optim.schedule == "cosine":
+        after = optax.cosine_decay_schedule(lr, max(last - warmup, 1), alpha=floor / lr)
+    elif optim.schedule == "constant":
+        after = optax.constant_schedule(lr)
+    else:  # wsd
+        decay_start = max(warmup, round(total_steps * (1 - optim.decay_fraction)))
+        decay = optax.linear_schedule(lr, floor, max(last - decay_start, 1))
+        after = optax.join_schedules([optax.constant_schedule(lr), decay], [decay_start - warmup])
+    if not warmup:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
 def weight_decay_mask(params: nnx.State, decay_embeddings: bool = False):
