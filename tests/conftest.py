@@ -75,6 +75,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "multidevice: needs 8 (fake CPU) devices; run in a subprocess")
 
 
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection
 def pytest_collection_modifyitems(config, items):
     if DEVICES >= 8:
         return
