@@ -1,5 +1,8 @@
 """gptjax: GPT-style language models in JAX and Flax NNX."""
 
+# Modules the README names as library entry points. ``gptjax.train`` is the module, and
+# calling it trains (``gptjax.train(config)``), so the function no longer shadows it.
+from gptjax import evaluate, finetune, train
 from gptjax.config import (
     Config,
     DataConfig,
@@ -14,7 +17,6 @@ from gptjax.errors import GptjaxError
 from gptjax.model import GPT
 from gptjax.runs import load
 from gptjax.sample import SamplingParams, generate, stream
-from gptjax.train import train
 
 __all__ = [
     "GPT",
@@ -27,6 +29,8 @@ __all__ = [
     "SampleConfig",
     "SamplingParams",
     "TrainConfig",
+    "evaluate",
+    "finetune",
     "generate",
     "load",
     "load_config",

@@ -17,6 +17,7 @@ complete, so an interrupted save is never mistaken for a checkpoint. The last
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +26,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from gptjax.errors import GptjaxError
-
-
-def _key_name(entry: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
+from gptjax.tree import key_name as _key_name
 
 
 def to_nested(tree: Any) -> dict:
@@ -67,14 +62,24 @@ class Checkpointer:
     """Saves and restores train states under ``directory`` (one orbax CheckpointManager)."""
 
     def __init__(
-        self, directory: str | Path, *, keep: int = 2, async_save: bool = True, read_only: bool = False
+        self,
+        directory: str | Path,
+        *,
+        keep: int = 2,
+        async_save: bool = True,
+        read_only: bool = False,
+        best: Callable[[dict], Any] | None = None,
     ):
+        """``best``: the sort key (lowest is best) of a checkpoint's metrics; default val_loss."""
         self.directory = Path(directory).absolute()
+        self._best = best or _val_loss
         preservation = policies.AnyPreservationPolicy(
             [
                 policies.LatestN(n=keep),
+                # BestN keeps the *last* n of its sorted order: sorted high to low, that is
+                # the lowest key (reverse=False kept the worst checkpoint).
                 policies.BestN(
-                    get_metric_fn=_val_loss, reverse=False, n=1, keep_checkpoints_without_metrics=False
+                    get_metric_fn=self._best, reverse=True, n=1, keep_checkpoints_without_metrics=False
                 ),
             ]
         )

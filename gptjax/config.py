@@ -12,13 +12,10 @@ and the numbers involved, never ``assert``.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
-import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from gptjax.errors import GptjaxError
@@ -273,6 +270,35 @@ class TrainConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """How the next token is chosen; the filters combine (temperature first, then the rest).
+
+    Attributes:
+        temperature: Divides the logits; 0 is greedy (argmax), and values near 0 approach it.
+        top_k: Keep the k most likely tokens; 0 disables (Fan et al. 2018).
+        top_p: Keep the smallest set of most likely tokens whose probability reaches top_p
+            (nucleus sampling, Holtzman et al. 2020); 1 disables. The top token always stays.
+        min_p: Drop tokens whose probability is below min_p times the top token's (Nguyen
+            et al. 2024); 0 disables.
+    """
+
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.temperature < math.inf:
+            raise GptjaxError(f"temperature ({self.temperature}) must be >= 0 and finite (0 is greedy)")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise GptjaxError(f"top_k ({self.top_k}) must be an integer >= 1, or 0 to disable it")
+        if not 0 < self.top_p <= 1:
+            raise GptjaxError(f"top_p ({self.top_p}) must be in (0, 1]; 1 disables it")
+        if not 0 <= self.min_p < 1:
+            raise GptjaxError(f"min_p ({self.min_p}) must be in [0, 1); 0 disables it")
+
+
+@dataclass(frozen=True, kw_only=True)
 class SampleConfig:
     """Text generation.
 
@@ -280,29 +306,31 @@ class SampleConfig:
         prompt: Text the samples continue; empty starts from end-of-text.
         num_samples: Samples drawn (0: none at the end of training).
         max_new_tokens: Tokens generated per sample.
-        temperature: Softmax temperature; 0 is greedy.
-        top_k: Keep the k most likely tokens; 0 disables.
-        top_p: Keep the smallest set with this much probability (nucleus); 1 disables.
-        min_p: Drop tokens below min_p times the top probability; 0 disables.
+        temperature, top_k, top_p, min_p: The knobs of :class:`SamplingParams` (documented
+            and validated there, once).
         seed: Sampling seed.
     """
 
     prompt: str = ""
     num_samples: int = 2
     max_new_tokens: int = 200
-    temperature: float = 0.8
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
+    temperature: float = SamplingParams.temperature
+    top_k: int = SamplingParams.top_k
+    top_p: float = SamplingParams.top_p
+    min_p: float = SamplingParams.min_p
     seed: int = 0
 
     def __post_init__(self) -> None:
         _positive(self, "max_new_tokens")
         _check(self.num_samples >= 0, f"num_samples ({self.num_samples}) must be >= 0")
-        _check(self.temperature >= 0, f"temperature ({self.temperature}) must be >= 0")
-        _check(self.top_k >= 0, f"top_k ({self.top_k}) must be >= 0 (0 disables it)")
-        _check(0 < self.top_p <= 1, f"top_p ({self.top_p}) must be in (0, 1]")
-        _check(0 <= self.min_p < 1, f"min_p ({self.min_p}) must be in [0, 1)")
+        self.sampling_params  # noqa: B018  (the knobs validate once, as SamplingParams)
+
+    @property
+    def sampling_params(self) -> SamplingParams:
+        """The sampling knobs (temperature, top_k, top_p, min_p) as :class:`SamplingParams`."""
+        return SamplingParams(
+            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -371,221 +399,19 @@ _SECTIONS: dict[str, type] = {
     "sample": SampleConfig,
 }
 
-# --------------------------------------------------------------------------------------
-# Presets
 
-MODEL_PRESETS: dict[str, ModelConfig] = {
-    # Radford et al. 2018: 12 x 768, 12 heads, 512 context, 40,478 BPE tokens, exact GELU.
-    "gpt1": ModelConfig(vocab_size=40478, block_size=512, activation="gelu"),
-    # Radford et al. 2019 (the released GPT-2 checkpoints' hyperparameters).
-    "gpt2": ModelConfig(n_layer=12, n_head=12, n_embd=768),
-    "gpt2-medium": ModelConfig(n_layer=24, n_head=16, n_embd=1024),
-    "gpt2-large": ModelConfig(n_layer=36, n_head=20, n_embd=1280),
-    "gpt2-xl": ModelConfig(n_layer=48, n_head=25, n_embd=1600),
-    # CPU-sized models for tests, demos and sweeps (byte vocabulary: 256 + end-of-text).
-    "nano": ModelConfig(vocab_size=257, block_size=64, n_layer=2, n_head=2, n_embd=32),
-    "micro": ModelConfig(vocab_size=257, block_size=128, n_layer=4, n_head=4, n_embd=128),
-    "mini": ModelConfig(vocab_size=257, block_size=256, n_layer=6, n_head=6, n_embd=192),
-}
-
-
-def quickstart() -> Config:
-    """The default of ``gptjax train``: a small byte-level model on the stdlib corpus.
-
-    About 0.8M parameters (4 layers x 128); 800 steps of 16 x 128 bytes, then samples that
-    look like Python. The README gives the measured time and loss.
-    """
-    return Config(
-        name="quickstart",
-        model=MODEL_PRESETS["micro"],
-        data=DataConfig(source="stdlib", tokenizer="bytes"),
-        optim=OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=50, weight_decay=0.1),
-        train=TrainConfig(
-            steps=800,
-            batch_size=16,
-            log_every=50,
-            eval_every=400,
-            eval_max_batches=20,
-            checkpoint_every=400,
-        ),
-        sample=SampleConfig(prompt="def ", num_samples=2, max_new_tokens=160, temperature=0.7),
-    )
-
-
-RUN_PRESETS = {"quickstart": quickstart}
-
-
-def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Resolve a preset name or config file, then apply ``section.field=value`` overrides.
-
-    ``name_or_path`` may be a run preset (``quickstart``), a model preset (``gpt2``: the
-    model with every other section at its default), or a ``.py`` file defining
-    ``get_config() -> Config``. ``None`` means ``quickstart``.
-    """
-    name_or_path = name_or_path or "quickstart"
-    if name_or_path in RUN_PRESETS:
-        config = RUN_PRESETS[name_or_path]()
-    elif name_or_path in MODEL_PRESETS:
-        config = _with_model_preset(name_or_path)
-    elif name_or_path.endswith(".py") or Path(name_or_path).exists():
-        config = _from_file(Path(name_or_path))
-    else:
-        choices = ", ".join([*RUN_PRESETS, *MODEL_PRESETS])
-        raise GptjaxError(f"unknown config {name_or_path!r}: give a preset ({choices}) or a .py config file")
-    return apply_overrides(config, overrides)
-
-
-def _with_model_preset(name: str) -> Config:
-    model = MODEL_PRESETS[name]
-    # GPT-1's 40k BPE is not a tiktoken encoding: it gets bytes until you bring token files.
-    tokenizer = "gpt2" if model.vocab_size >= 50257 else "bytes"
-    return Config(name=name, model=model, data=DataConfig(tokenizer=tokenizer))
-
-
-def load_recipe(path: str | Path, function: str, expected: type, what: str) -> Any:
-    """Import a user's Python file and return ``function()``, checked to be an ``expected``.
-
-    Config, sweep and fine-tune files all load here, so a missing file, a file that fails
-    to import, or a wrong return type gives the same kind of one-line error.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise GptjaxError(f"{what} {str(path)!r} does not exist: give a .py file defining {function}()")
-    spec = importlib.util.spec_from_file_location(f"gptjax_recipe_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-        result = getattr(module, function)() if hasattr(module, function) else None
-    except GptjaxError:
-        raise
-    except Exception as e:  # A user's file failed to import: say which and why.
-        raise GptjaxError(f"{what} {str(path)!r} failed to load: {type(e).__name__}: {e}") from e
-    if result is None:
-        raise GptjaxError(f"{what} {str(path)!r} must define {function}() returning a {expected.__name__}")
-    if not isinstance(result, expected):
-        raise GptjaxError(
-            f"{function}() in {str(path)!r} returned {type(result).__name__}, "
-            f"not a gptjax {expected.__name__}"
-        )
-    return result
-
-
-def _from_file(path: Path) -> Config:
-    return load_recipe(path, "get_config", Config, "config file")
-
-
-def apply_overrides(config: Config, overrides: list[str] | tuple[str, ...]) -> Config:
-    """Apply ``section.field=value`` strings; unknown keys and bad types are rejected."""
-    changes: dict[str, dict[str, Any]] = {}
-    name = config.name
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip().removeprefix("--")
-        if not sep:
-            raise GptjaxError(f"override {item!r} must look like section.field=value")
-        if key == "name":
-            name = raw
-            continue
-        section, dot, field_name = key.partition(".")
-        if not dot or section not in _SECTIONS:
-            raise GptjaxError(
-                f"unknown config key {key!r}: expected section.field with section one of {sorted(_SECTIONS)}"
-            )
-        hints = typing.get_type_hints(_SECTIONS[section])
-        if field_name not in hints:
-            known = ", ".join(f.name for f in dataclasses.fields(_SECTIONS[section]))
-            raise GptjaxError(f"unknown config key {key!r}; {section} has: {known}")
-        changes.setdefault(section, {})[field_name] = _parse_value(key, raw, hints[field_name])
-    new_sections = {s: dataclasses.replace(getattr(config, s), **kw) for s, kw in changes.items()}
-    return dataclasses.replace(config, name=name, **new_sections)
-
-
-def _parse_value(key: str, raw: str, annotation: Any) -> Any:
-    origin = typing.get_origin(annotation)
-    if origin is Literal:
-        choices = typing.get_args(annotation)
-        if raw not in choices:
-            raise GptjaxError(f"{key}={raw!r} is not one of {list(choices)}")
-        return raw
-    if origin in (typing.Union, types.UnionType):
-        raise GptjaxError(f"{key} cannot be set from the command line")  # no such fields yet
-    if annotation is bool:
-        lowered = raw.lower()
-        if lowered in ("true", "1", "yes"):
-            return True
-        if lowered in ("false", "0", "no"):
-            return False
-        raise GptjaxError(f"{key}={raw!r} is not a boolean (true/false)")
-    if annotation is int:
-        try:
-            return int(raw.replace("_", ""))
-        except ValueError:
-            raise GptjaxError(f"{key}={raw!r} is not an integer") from None
-    if annotation is float:
-        try:
-            value = float(raw)
-        except ValueError:
-            raise GptjaxError(f"{key}={raw!r} is not a number") from None
-        if not math.isfinite(value):
-            raise GptjaxError(f"{key}={raw!r} must be finite")
-        return value
-    return raw
-
-
-# --------------------------------------------------------------------------------------
-# Derived quantities
-
-
-def param_counts(model: ModelConfig) -> dict[str, int]:
-    """Parameter counts, computed from the config (tests check them against the model).
-
-    ``non_embedding`` follows Kaplan et al. (2020): everything except the token and
-    position embeddings (an untied LM head counts as non-embedding, as it is a matmul).
-    """
-    d, v, t, ffn = model.n_embd, model.vocab_size, model.block_size, model.mlp_ratio * model.n_embd
-    b = 1 if model.bias else 0
-    ln = d * (1 + b)  # scale (+ bias)
-    block = 2 * ln + (d * 3 * d + b * 3 * d) + (d * d + b * d) + (d * ffn + b * ffn) + (ffn * d + b * d)
-    embedding = v * d + (t * d if model.position == "learned" else 0)
-    non_embedding = model.n_layer * block + ln + (0 if model.tie_embeddings else v * d)
-    return {"total": embedding + non_embedding, "non_embedding": non_embedding, "embedding": embedding}
-
-
-def flops_per_token(model: ModelConfig, seq_len: int | None = None) -> dict[str, float]:
-    """Training FLOPs per token (forward + backward = 3x forward).
-
-    Formula: ``6 * N_matmul + 6 * n_layer * T * n_embd``. ``N_matmul`` is the
-    non-embedding parameters plus the LM head's ``vocab x n_embd`` matmul (computed even
-    when tied). The second term is attention: per token and layer, QK^T and AV each take
-    ``2 * T * D`` FLOPs forward when every query sees all T keys, so ``12 * T * D`` for
-    forward + backward (PaLM's ``12 L H Q T``), halved because a causal query sees
-    (T + 1) / 2 keys on average.
-    """
-    t = seq_len or model.block_size
-    counts = param_counts(model)
-    n_matmul = counts["non_embedding"] + (model.vocab_size * model.n_embd if model.tie_embeddings else 0)
-    attention = 6 * model.n_layer * t * model.n_embd
-    return {
-        "total": 6.0 * n_matmul + attention,
-        "dense": 6.0 * n_matmul,
-        "attention": float(attention),
-        "forward": (6.0 * n_matmul + attention) / 3.0,
-    }
-
-
-def info(config: Config) -> dict[str, Any]:
-    """What ``gptjax info`` prints: sizes, FLOPs per token and fp32 training memory."""
-    counts = param_counts(config.model)
-    flops = flops_per_token(config.model)
-    return {
-        "name": config.name,
-        "params": counts["total"],
-        "non_embedding_params": counts["non_embedding"],
-        "embedding_params": counts["embedding"],
-        "flops_per_token": flops["total"],
-        "flops_per_token_attention": flops["attention"],
-        "seq_len": config.model.block_size,
-        "param_bytes_fp32": 4 * counts["total"],
-        "adamw_state_bytes_fp32": 8 * counts["total"],
-        "model": dataclasses.asdict(config.model),
-    }
+# Presets, loading and overrides live in gptjax.recipes, sizes and FLOPs in gptjax.flops;
+# their names stay importable from here. (After the classes: those modules import them.)
+from gptjax.flops import flops_per_token, info, param_counts  # noqa: E402, F401
+from gptjax.recipes import (  # noqa: E402, F401
+    MODEL_PRESETS,
+    RUN_PRESETS,
+    _from_file,
+    _parse_value,
+    _with_model_preset,
+    apply_overrides,
+    gpt1,
+    load_config,
+    load_recipe,
+    quickstart,
+)

@@ -28,7 +28,7 @@ from gptjax import data as data_lib
 from gptjax.config import DataConfig
 from gptjax.errors import GptjaxError
 from gptjax.model import GPT
-from gptjax.train import make_eval_step
+from gptjax.steps import make_eval_step
 
 SPLITS = ("val", "train", "all")
 
@@ -61,12 +61,9 @@ def lm_metrics(
         tokens = getattr(dataset, name)
         if len(tokens) < 2:
             raise GptjaxError(f"the {name} split of {data_config.source!r} is empty: use split=train or all")
-        split_nll = split_count = 0.0
-        for batch, weights in data_lib.eval_batches(
-            tokens, seq_len=cfg.block_size, batch_size=batch_size, max_batches=max_batches
-        ):
-            nll, n = eval_step(params, jnp.asarray(batch), jnp.asarray(weights))
-            split_nll, split_count = split_nll + float(nll), split_count + float(n)
+        split_nll, split_count = nll_sum(
+            eval_step, params, tokens, seq_len=cfg.block_size, batch_size=batch_size, max_batches=max_batches
+        )
         total, count = total + split_nll, count + split_count
         n_bytes += dataset.meta["bytes"][name] * min(1.0, split_count / (len(tokens) - 1))
     loss = total / count
@@ -77,6 +74,26 @@ def lm_metrics(
         "tokens": int(count),
         "bytes": int(round(n_bytes)),
     }
+
+
+def nll_sum(eval_step, params, tokens: np.ndarray, *, seq_len: int, batch_size: int, max_batches: int = 0,
+            mesh: jax.sharding.Mesh | None = None) -> tuple[float, float]:  # fmt: skip
+    """The summed NLL and the count of predicted tokens over ``tokens``' eval windows.
+
+    The one evaluation loop: training's validation (on ``mesh``, every process its rows)
+    and :func:`lm_metrics` (one process) both run it.
+    """
+    from gptjax import sharding
+
+    procs = {"process_index": jax.process_index(), "process_count": jax.process_count()} if mesh else {}
+    place = (lambda x: sharding.global_batch(x, mesh)) if mesh else jnp.asarray
+    total = count = 0.0
+    for batch, weights in data_lib.eval_batches(
+        tokens, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches, **procs
+    ):
+        nll, n = eval_step(params, place(batch), place(weights))
+        total, count = total + float(nll), count + float(n)
+    return total, count
 
 
 # --------------------------------------------------------------------------------------

@@ -37,19 +37,32 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from gptjax import finetune_data as fdata
+from gptjax import sharding
+from gptjax import train as train_lib
 from gptjax.checkpoint import Checkpointer
-from gptjax.config import Config, _parse_value, load_recipe
+from gptjax.config import Config, MeshConfig, SampleConfig, TrainConfig
 from gptjax.errors import GptjaxError
+from gptjax.finetune_model import (  # noqa: F401  (the public names of fine-tuning)
+    SPECIAL_TOKENS,
+    _loss,
+    _optim,
+    grow_vocab,
+    head_logits,
+    init_head,
+    make_eval_step,
+    make_loss_fn,
+    make_optimizer,
+    peak_lrs,
+    trainable_mask,
+)
 from gptjax.model import GPT
-from gptjax.train import weight_decay_mask
+from gptjax.optim import lr_schedule
+from gptjax.recipes import _parse_value, load_recipe
 
-SPECIAL_TOKENS = ("start", "delim", "extract")
 TASKS = ("classification", "entailment", "similarity", "multiple_choice")
 
 
@@ -69,8 +82,14 @@ class FinetuneConfig:
         label_column: The label: a name (mapped to ids, sorted) or, for multiple choice,
             the index of the right choice.
         aux_lm_weight: lambda in ``L3 = L2 + lambda L1`` (GPT-1: 0.5); 0 disables L1.
-        body_lr: Peak learning rate of the pretrained parameters (GPT-1: 6.25e-5).
-        head_lr: Peak learning rate of the head and the special-token embeddings.
+        body_lr: Peak learning rate of the pretrained parameters (GPT-1: 6.25e-5); the top
+            layer's when ``layer_lr_decay`` > 1.
+        head_lr: Peak learning rate of the head and the special-token embedding rows.
+        layer_lr_decay: Discriminative rates (ULMFiT: 2.6): each layer below the top
+            trains at the rate of the one above divided by this; the embeddings below the
+            first layer. 1 gives the whole body ``body_lr``.
+        dropout: Dropout on the body (embeddings, attention, residuals) and on the
+            classifier's input (GPT-1: 0.1).
         weight_decay: AdamW weight decay of the matrices (GPT-1: 0.01).
         epochs: Passes over the training set.
         max_steps: Stop after this many steps if sooner; 0: run the epochs.
@@ -98,6 +117,8 @@ class FinetuneConfig:
     aux_lm_weight: float = 0.5
     body_lr: float = 6.25e-5
     head_lr: float = 1e-3
+    layer_lr_decay: float = 1.0
+    dropout: float = 0.1
     weight_decay: float = 0.01
     epochs: int = 3
     max_steps: int = 0
@@ -125,6 +146,10 @@ class FinetuneConfig:
         for name in ("body_lr", "head_lr"):
             if not getattr(self, name) > 0:
                 raise GptjaxError(f"{name} ({getattr(self, name)}) must be > 0")
+        if not self.layer_lr_decay >= 1:
+            raise GptjaxError(f"layer_lr_decay ({self.layer_lr_decay}) must be >= 1 (1: one rate)")
+        if not 0 <= self.dropout < 1:
+            raise GptjaxError(f"dropout ({self.dropout}) must be in [0, 1)")
 
 
 def load_finetune_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> FinetuneConfig:
@@ -149,174 +174,7 @@ def apply_overrides(config: FinetuneConfig, overrides: list[str] | tuple[str, ..
 
 
 # --------------------------------------------------------------------------------------
-# Model: the grown GPT and the head
-
-
-class FinetuneState(NamedTuple):
-    step: jax.Array  # () int32
-    params: nnx.State  # the grown GPT
-    head: dict  # {"w": (D, n_out), "b": (n_out,)}
-    opt_state: optax.OptState
-    rng: jax.Array  # (2,) uint32 key data
-
-
-def grow_vocab(model: GPT, n_new: int, key: jax.Array) -> GPT:
-    """The model with ``n_new`` embedding rows appended, initialised normal(0, 0.02)."""
-    cfg = dataclasses.replace(model.config, vocab_size=model.config.vocab_size + n_new)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: GPT(cfg, key=jax.random.key(0))))
-    state = jax.tree.map(lambda x: x, nnx.state(model))  # a copy: the source model is untouched
-    for name, k in zip(("wte", "lm_head"), jax.random.split(key), strict=True):
-        if name in state:
-            table = state[name][...]
-            rows = 0.02 * jax.random.normal(k, (n_new, table.shape[1]), table.dtype)
-            state[name] = state[name].replace(jnp.concatenate([table, rows]))
-    return nnx.merge(graphdef, state)
-
-
-def init_head(n_embd: int, n_out: int, key: jax.Array) -> dict:
-    """The task head ``W (D, n_out)``, normal(0, 0.02), and zero bias ``b (n_out,)``."""
-    return {"w": 0.02 * jax.random.normal(key, (n_embd, n_out), jnp.float32), "b": jnp.zeros((n_out,))}
-
-
-def head_logits(model: GPT, head: dict, tokens: jax.Array, extract_at: jax.Array, task: str):
-    """Task logits and hidden states.
-
-    Args:
-        tokens: (B, K, T) sequences: K = 1 (classification, entailment), 2 (similarity,
-            both orders) or C choices.
-        extract_at: (B, K) position of each sequence's extract token.
-
-    Returns:
-        ``(logits, hidden)``: logits (B, n_classes), or (B, C) choice scores for multiple
-        choice; hidden (B * K, T, D).
-    """
-    b, k, t = tokens.shape
-    hidden = model.hidden(tokens.reshape(b * k, t))  # (BK, T, D)
-    at = jnp.take_along_axis(hidden, extract_at.reshape(b * k, 1, 1), axis=1)[:, 0]  # (BK, D)
-    at = at.reshape(b, k, -1).astype(jnp.float32)
-    if task == "similarity":
-        at = at.sum(1, keepdims=True)
-    scores = jnp.einsum("BKD,DO->BKO", at, head["w"]) + head["b"]
-    logits = scores[..., 0] if task == "multiple_choice" else scores[:, 0]
-    return logits, hidden
-
-
-def make_loss_fn(graphdef: nnx.GraphDef, task: str, aux_lm_weight: float):
-    """``(params, head, batch) -> (L3, (L2, L1, logits))``; L1 is 0 (not computed) when lambda is 0."""
-
-    def loss_fn(params, head, batch):
-        model = nnx.merge(graphdef, params)
-        tokens, lengths, valid = batch["tokens"], batch["lengths"], batch["valid"]  # (B, K, T), (B, K) x2
-        logits, hidden = head_logits(model, head, tokens, jnp.maximum(lengths - 1, 0), task)
-        if task == "multiple_choice":
-            logits = jnp.where(valid, logits, -1e9)
-        task_loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
-        lm_loss = jnp.zeros(())
-        if aux_lm_weight > 0:
-            t = tokens.shape[-1]
-            lm_logits = model.logits(hidden[:, :-1])  # (BK, T-1, V)
-            targets = tokens.reshape(-1, t)[:, 1:]
-            weights = (jnp.arange(1, t)[None, :] < lengths.reshape(-1, 1)) & valid.reshape(-1, 1)
-            nll = optax.softmax_cross_entropy_with_integer_labels(lm_logits, targets)
-            lm_loss = (nll * weights).sum() / jnp.maximum(weights.sum(), 1)
-        return task_loss + aux_lm_weight * lm_loss, (task_loss, lm_loss, logits)
-
-    return loss_fn
-
-
-def trainable_mask(params: nnx.State, step: jax.Array, cfg: FinetuneConfig, n_layer: int, base_vocab: int):
-    """Which body entries may change at ``step`` (booleans broadcastable to each parameter).
-
-    Frozen body: only the special-token rows. Gradual unfreezing: layer ``i`` trains once
-    ``1 + step // unfreeze_every > n_layer - 1 - i`` (top first, with ln_f and an untied
-    LM head); the embeddings once every layer does. The special-token rows always train.
-    """
-    if cfg.freeze_body:
-        n_open = jnp.zeros((), jnp.int32)
-    elif cfg.unfreeze_every:
-        n_open = jnp.minimum(n_layer, 1 + step // cfg.unfreeze_every)
-    else:
-        n_open = jnp.full((), n_layer, jnp.int32)
-    layer_open = jnp.arange(n_layer) >= n_layer - n_open  # (L,)
-
-    def decide(path, leaf):
-        name = str(getattr(path[0], "key", path[0]))
-        if name == "h":
-            return layer_open.reshape((n_layer,) + (1,) * (leaf.ndim - 1))
-        if name in ("ln_f", "lm_head"):
-            top = n_open > 0
-            if name == "lm_head":
-                return top | (jnp.arange(leaf.shape[0]) >= base_vocab)[:, None]
-            return top
-        all_open = n_open == n_layer
-        if name == "wte":
-            return all_open | (jnp.arange(leaf.shape[0]) >= base_vocab)[:, None]
-        return all_open  # wpe
-
-    return jax.tree_util.tree_map_with_path(decide, params)
-
-
-def make_optimizer(cfg: FinetuneConfig, total_steps: int, params: nnx.State, head: dict):
-    """AdamW with its own schedule per group ("body", "head"), via ``optax.multi_transform``.
-
-    Each schedule warms up linearly over 0.2% of the steps and decays linearly to 0 (GPT-1).
-    """
-
-    def adamw(peak, mask):
-        warmup = max(1, round(0.002 * total_steps))
-        schedule = optax.join_schedules(
-            [
-                optax.linear_schedule(0.0, peak, warmup),
-                optax.linear_schedule(peak, 0.0, total_steps - warmup),
-            ],
-            [warmup],
-        )
-        return optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay, mask=mask)
-
-    labels = {"body": jax.tree.map(lambda _: "body", params), "head": jax.tree.map(lambda _: "head", head)}
-    decay = {"body": weight_decay_mask(params), "head": {"w": True, "b": False}}
-    return optax.multi_transform(
-        {"body": adamw(cfg.body_lr, decay), "head": adamw(cfg.head_lr, decay)}, labels
-    )
-
-
-def make_train_step(graphdef, optimizer, cfg: FinetuneConfig, n_layer: int, base_vocab: int, task: str):
-    """``(state, batch) -> (state, metrics)``: a pure function, jitted by the caller."""
-    loss_fn = make_loss_fn(graphdef, task, cfg.aux_lm_weight)
-    grad_fn = jax.value_and_grad(lambda tr, batch: loss_fn(tr["body"], tr["head"], batch), has_aux=True)
-
-    def train_step(state: FinetuneState, batch):
-        trainable = {"body": state.params, "head": state.head}
-        (loss, (task_loss, lm_loss, logits)), grads = grad_fn(trainable, batch)
-        mask = trainable_mask(state.params, state.step, cfg, n_layer, base_vocab)
-        grads["body"] = jax.tree.map(lambda g, m: jnp.where(m, g, 0), grads["body"], mask)
-        updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
-        new = optax.apply_updates(trainable, updates)
-        # Frozen entries keep their exact bits (weight decay would move them otherwise).
-        body = jax.tree.map(lambda n, o, m: jnp.where(m, n, o), new["body"], state.params, mask)
-        accuracy = (logits.argmax(-1) == batch["labels"]).mean()
-        metrics = {"loss": loss, "task_loss": task_loss, "lm_loss": lm_loss, "accuracy": accuracy}
-        return FinetuneState(state.step + 1, body, new["head"], opt_state, state.rng), metrics
-
-    return train_step
-
-
-def make_eval_step(graphdef, task: str):
-    """``(params, head, batch) -> (summed task loss, correct count, predictions)`` over real rows."""
-    loss_fn = make_loss_fn(graphdef, task, 0.0)
-
-    def eval_step(params, head, batch):
-        logits = loss_fn(params, head, batch)[1][2]
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
-        w = batch["weight"]
-        predictions = logits.argmax(-1)
-        return (nll * w).sum(), ((predictions == batch["labels"]) * w).sum(), predictions
-
-    return eval_step
-
-
-# --------------------------------------------------------------------------------------
-# The run
+# The run: a Task on gptjax.train's trainer
 
 
 @dataclasses.dataclass
@@ -329,19 +187,73 @@ class FinetuneResult:
     steps: int
     seconds: float
     label_names: list[str]
+    interrupted: bool = False  # stopped by SIGTERM or stop_at: run again to resume
+    state: Any = None  # the final train state (gptjax.train.TrainState, head included)
 
 
-def _evaluate(eval_step, params, head, arrays: dict, batch_size: int) -> dict[str, float]:
-    total_nll = correct = 0.0
-    n = len(arrays["labels"])
-    for batch in fdata.batches(arrays, np.arange(n), batch_size, pad=True):
-        nll, right, _ = eval_step(params, head, batch)
-        total_nll, correct = total_nll + float(nll), correct + float(right)
-    return {"val_loss": total_nll / n, "val_accuracy": correct / n}
+class FinetuneBatches:
+    """Training batches as a pure function of the step (so a resumed run is bitwise the
+    same): epoch ``e`` visits the rows in ``default_rng([seed, e])``'s permutation."""
+
+    def __init__(self, arrays: dict, batch_size: int, seed: int):
+        self.arrays, self.batch_size, self.seed = arrays, batch_size, seed
+        self.n = len(arrays["labels"])
+        self.steps_per_epoch = self.n // batch_size
+        self.rows = batch_size // jax.process_count()
+
+    def batch(self, step: int) -> dict:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        lo = i * self.batch_size + jax.process_index() * self.rows
+        return {k: v[order[lo : lo + self.rows]] for k, v in self.arrays.items()}
+
+    def prefetch(self, start: int, stop: int, depth: int):
+        return ((step, self.batch(step)) for step in range(start, stop))
 
 
-def finetune(cfg: FinetuneConfig, *, log=print) -> FinetuneResult:
-    """Fine-tune ``cfg.init_from`` on the task and keep the best checkpoint in ``cfg.run_dir``."""
+def _best_key(metric: str):
+    """The checkpoint sort key (lowest is best); ties in accuracy go to the lower loss."""
+
+    def key(ev: dict):
+        loss = ev.get("val_loss", math.inf)
+        return (-ev.get("val_accuracy", -math.inf), loss) if metric == "accuracy" else (loss,)
+
+    return key
+
+
+def _task(cfg: FinetuneConfig, model_config, n_out: int, total_steps: int) -> train_lib.Task:
+    """The hooks every fine-tune run and load share: loss, head and optimizer."""
+    uses = (cfg.task, cfg.aux_lm_weight, cfg.dropout)
+
+    def loss(model, head, batch, dropout_key):
+        total, (task_loss, lm_loss, logits) = _loss(model, head, batch, dropout_key, *uses)
+        accuracy = (logits.argmax(-1) == batch["labels"]).mean()
+        return total, {"task_loss": task_loss, "lm_loss": lm_loss, "accuracy": accuracy}
+
+    return train_lib.Task(
+        loss=loss,
+        init_head=lambda key: init_head(model_config.n_embd, n_out, key),
+        optimizer=lambda params, head, total: make_optimizer(cfg, total, params, head),
+        lr=lr_schedule(_optim(cfg, total_steps), total_steps),  # the top layer's
+        best=_best_key(cfg.metric),
+    )
+
+
+def finetune(
+    cfg: FinetuneConfig,
+    *,
+    log=print,
+    mesh: jax.sharding.Mesh | None = None,
+    stop_at: int | None = None,
+    batch_hook=None,
+) -> FinetuneResult:
+    """Fine-tune ``cfg.init_from`` on the task with :func:`gptjax.train.train`'s trainer.
+
+    The run is sharded like training (``mesh``, default every device as data parallel),
+    resumes bitwise from its latest checkpoint when run again with the same config, saves
+    and returns on SIGTERM (or after ``stop_at``), and skips non-finite steps. The best
+    checkpoint by ``cfg.metric`` is kept with the latest.
+    """
     from gptjax.runs import load
 
     if not cfg.init_from or not cfg.train_file or not cfg.val_file:
@@ -366,36 +278,25 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> FinetuneResult:
     seq_len = cfg.max_len or max(e["tokens"].shape[-1] for e in encoded)
     n_choices = max(e["tokens"].shape[1] for e in encoded)
     train_arrays, val_arrays = (fdata.pad_choices(fdata.pad_to(e, seq_len), n_choices) for e in encoded)
-
-    init_key, head_key, data_key, train_key = jax.random.split(jax.random.key(cfg.seed), 4)
-    model = grow_vocab(pretrained, len(SPECIAL_TOKENS), init_key)
-    model_config = dataclasses.replace(pre_config, model=model.config)
-    n_out = 1 if cfg.task == "multiple_choice" else len(label_names)
-    head = init_head(model.config.n_embd, n_out, head_key)
-    graphdef, params = nnx.split(model)
     n_train = len(train_arrays["labels"])
     batch_size = min(cfg.batch_size, n_train)
     steps_per_epoch = n_train // batch_size
-    total = (
-        cfg.epochs * steps_per_epoch
-        if not cfg.max_steps
-        else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
-    )
-    optimizer = make_optimizer(cfg, total, params, head)
-    state = FinetuneState(
-        jnp.zeros((), jnp.int32), params, head, optimizer.init({"body": params, "head": head}),
-        jax.random.key_data(train_key),
+    total = min(cfg.max_steps or math.inf, cfg.epochs * steps_per_epoch)
+    eval_every = cfg.eval_every or steps_per_epoch
+    drop = {f"{k}_dropout": cfg.dropout for k in ("embd", "attn", "resid")}
+    model_config = dataclasses.replace(pre_config.model, vocab_size=base_vocab + len(SPECIAL_TOKENS), **drop)
+    config = Config(
+        name="finetune",
+        model=model_config,
+        data=pre_config.data,
+        optim=_optim(cfg, total),
+        train=TrainConfig(
+            steps=total, batch_size=batch_size, seed=cfg.seed, log_every=min(10, eval_every),
+            eval_every=eval_every, checkpoint_every=eval_every, keep_checkpoints=1, run_dir=cfg.run_dir,
+        ),
+        sample=SampleConfig(num_samples=0),
     )  # fmt: skip
-    n_layer = model.config.n_layer
-    train_step = jax.jit(
-        make_train_step(graphdef, optimizer, cfg, n_layer, base_vocab, cfg.task), donate_argnums=0
-    )
-    eval_step = jax.jit(make_eval_step(graphdef, cfg.task))
-
-    run_dir = Path(cfg.run_dir)
-    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
-        raise GptjaxError(f"{str(run_dir)!r} already holds a fine-tune run: set run_dir= to a new directory")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    n_out = 1 if cfg.task == "multiple_choice" else len(label_names)
     record = {
         "finetune": dataclasses.asdict(cfg),
         "task": cfg.task,
@@ -404,48 +305,76 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> FinetuneResult:
         "seq_len": seq_len,
         "init_from": str(cfg.init_from),
     }
-    meta = {"config": model_config.to_dict(), "tokenizer": tokenizer.name, **record}
-    (run_dir / "config.json").write_text(model_config.to_json())
-    ckpt = Checkpointer(run_dir / "checkpoints", keep=1)
-    eval_every = cfg.eval_every or steps_per_epoch
-    best, history, stale = {"score": (-math.inf,)}, [], 0
-    data_rng = np.random.default_rng(int(jax.random.randint(data_key, (), 0, 2**31 - 1)))
+    run_dir = Path(cfg.run_dir)
+    history = _start_record(run_dir, record)
+    init_key, _, data_key, _ = jax.random.split(jax.random.key(cfg.seed), 4)
+    eval_step = jax.jit(make_eval_step(nnx.graphdef(pretrained), cfg.task))
+    best_key = _best_key(cfg.metric)
+
+    def initialise(state, setup):
+        grown = nnx.state(grow_vocab(pretrained, len(SPECIAL_TOKENS), init_key))
+        shardings = jax.tree.map(lambda a: a.sharding, setup.abstract_state.params)
+        return state._replace(params=jax.device_put(grown, shardings))
+
+    def evaluate(setup, params, head):
+        total_nll = correct = 0.0
+        n = len(val_arrays["labels"])
+        for batch in fdata.batches(val_arrays, np.arange(n), batch_size, pad=True):
+            nll, right, _ = eval_step(params, head, batch)
+            total_nll, correct = total_nll + float(nll), correct + float(right)
+        return {"val_loss": total_nll / n, "val_accuracy": correct / n}
+
+    def after_eval(step, ev):
+        history[:] = [h for h in history if h["step"] < step] + [{**ev, "step": step}]
+        log("gptjax finetune: " + " ".join(f"{k}={v:.4g}" for k, v in history[-1].items()))
+        _write_record(run_dir, record, history)
+        best_at = min(range(len(history)), key=lambda i: (best_key(history[i]), -i))
+        return bool(cfg.patience) and len(history) - 1 - best_at >= cfg.patience
+
+    task = _task(cfg, model_config, n_out, total)._replace(
+        initialise=initialise,
+        batches=FinetuneBatches(
+            train_arrays, batch_size, int(jax.random.randint(data_key, (), 0, 2**31 - 1))
+        ),
+        evaluate=evaluate,
+        after_eval=after_eval,
+        tokens_per_step=batch_size * train_arrays["tokens"][0].size,
+        meta={"tokenizer": tokenizer.name, **record},
+        tokenizer=tokenizer,
+    )
     log(f"gptjax finetune: {cfg.task}, {n_train} train / {len(val_arrays['labels'])} val examples, "
         f"{total} steps, labels {label_names}")  # fmt: skip
-    try:
-        step = 0
-        while step < total:
-            order = data_rng.permutation(n_train)
-            for batch in fdata.batches(train_arrays, order[: steps_per_epoch * batch_size], batch_size):
-                state, metrics = train_step(state, batch)
-                step += 1
-                if step % eval_every and step != total:
-                    continue
-                ev = _evaluate(eval_step, state.params, state.head, val_arrays, batch_size)
-                ev.update(step=step, train_loss=float(metrics["loss"]))
-                history.append(ev)
-                log("gptjax finetune: " + " ".join(f"{k}={v:.4g}" for k, v in ev.items()))
-                # Ties in accuracy go to the lower loss.
-                score = (
-                    (ev["val_accuracy"], -ev["val_loss"]) if cfg.metric == "accuracy" else (-ev["val_loss"],)
-                )
-                if score > best["score"]:
-                    best, stale = {**ev, "score": score}, 0
-                    ckpt.save(step, state, {**meta, "step": step, "best": ev})
-                else:
-                    stale += 1
-                if (cfg.patience and stale >= cfg.patience) or step >= total:
-                    total = step  # early stop (or done)
-                    break
-        ckpt.wait()
-    finally:
-        ckpt.close()
-    best.pop("score")
+    result = train_lib.train(config, mesh=mesh, stop_at=stop_at, batch_hook=batch_hook, task=task)
+    best = min(reversed(history), key=best_key) if history else {}
     seconds = time.perf_counter() - start
-    (run_dir / "finetune.json").write_text(
-        json.dumps({**record, "best": best, "history": history, "seconds": seconds}, indent=2)
+    _write_record(run_dir, record, history, best=best, seconds=seconds)
+    return FinetuneResult(
+        run_dir, best, history, result.step, seconds, label_names, result.interrupted, result.state
     )
-    return FinetuneResult(run_dir, best, history, step, seconds, label_names)
+
+
+def _start_record(run_dir: Path, record: dict) -> list[dict]:
+    """The history of an earlier attempt of this same run (resumed), or [] for a new one."""
+    path = run_dir / "finetune.json"
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        if previous.get("finetune") != record["finetune"]:
+            raise GptjaxError(
+                f"{str(run_dir)!r} already holds a fine-tune run with another config: set run_dir= to a "
+                "new directory (the same config resumes it)"
+            )
+        return list(previous.get("history", []))
+    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        raise GptjaxError(f"{str(run_dir)!r} already holds a run: set run_dir= to a new directory")
+    _write_record(run_dir, record, [])
+    return []
+
+
+def _write_record(run_dir: Path, record: dict, history: list, **extra) -> None:
+    if jax.process_index() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({**record, "history": history, **extra}, indent=2)
+        (run_dir / "finetune.json").write_text(text)
 
 
 # --------------------------------------------------------------------------------------
@@ -463,35 +392,34 @@ class Finetuned(NamedTuple):
 
 
 def load_finetuned(run_dir: str | Path) -> Finetuned:
-    """Load the kept (best) checkpoint of a fine-tune run."""
+    """Load the kept best checkpoint of a fine-tune run (the latest if none is recorded)."""
     from gptjax.runs import locate
     from gptjax.tokenizer import get_tokenizer
 
     directory, step = locate(run_dir)
+    record = Path(run_dir) / "finetune.json"
+    best_step = json.loads(record.read_text()).get("best", {}).get("step") if record.is_file() else None
     ckpt = Checkpointer(directory, read_only=True)
     try:
+        step = best_step if best_step in ckpt.all_steps() else step
         meta = ckpt.read_meta(step)
         if "finetune" not in meta:
             raise GptjaxError(
                 f"{str(run_dir)!r} is not a fine-tune run (no finetune record): use gptjax.load"
             )
         cfg = FinetuneConfig(**meta["finetune"])
-        model_cfg = Config.from_dict(meta["config"]).model
-        graphdef, params = nnx.split(nnx.eval_shape(lambda: GPT(model_cfg, key=jax.random.key(0))))
+        config = Config.from_dict(meta["config"])
         n_out = 1 if cfg.task == "multiple_choice" else len(meta["label_names"])
-        head = jax.eval_shape(lambda: init_head(model_cfg.n_embd, n_out, jax.random.key(0)))
-        optimizer = make_optimizer(cfg, 1, params, head)
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        opt_state = jax.eval_shape(optimizer.init, {"body": params, "head": head})
-        abstract = FinetuneState(
-            jnp.zeros((), jnp.int32), params, head, opt_state, jnp.zeros((2,), jnp.uint32)
+        one_device = sharding.make_mesh(MeshConfig(), jax.devices()[:1])
+        task = _task(cfg, config.model, n_out, config.train.steps)
+        setup = train_lib.build(
+            dataclasses.replace(config, train=TrainConfig(batch_size=1)), one_device, task
         )
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
-        state = ckpt.restore(step, abstract)
+        state = ckpt.restore(step, setup.abstract_state)
     finally:
         ckpt.close()
     return Finetuned(
-        nnx.merge(graphdef, state.params), state.head, cfg, meta, get_tokenizer(meta["tokenizer"])
+        nnx.merge(setup.graphdef, state.params), state.head, cfg, meta, get_tokenizer(meta["tokenizer"])
     )
 
 

@@ -32,6 +32,8 @@ from flax import nnx
 from gptjax.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
 from gptjax.errors import GptjaxError
 from gptjax.model import GPT
+from gptjax.model import abstract as abstract_gpt
+from gptjax.tree import param_names
 
 
 def _hf_name(name: str) -> str:
@@ -357,12 +359,11 @@ def _recipe(model: ModelConfig, tokenizer: str, name: str) -> Config:
 
 
 def _abstract_params(cfg: ModelConfig) -> nnx.State:
-    return nnx.state(nnx.eval_shape(lambda: GPT(cfg, key=jax.random.key(0))), nnx.Param)
+    return abstract_gpt(cfg)[1].filter(nnx.Param)
 
 
 def _path_name(path) -> str:
-    keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-    return ".".join(keys[:-1] if keys[-1] == "value" else keys)
+    return ".".join(param_names(path))
 
 
 def _named_leaves(state: nnx.State) -> list[tuple[str, jax.Array]]:

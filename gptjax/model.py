@@ -516,5 +516,10 @@ def _rows_first(axes: tuple, kernel: jax.Array) -> jax.Array:
     return jnp.moveaxis(kernel, 0, -1) if axes[0] == "embed" else jnp.moveaxis(kernel, -1, 0)
 
 
+def abstract(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """The graph and parameter shapes (ShapeDtypeStructs) of a GPT, allocating nothing."""
+    return nnx.split(nnx.eval_shape(lambda: GPT(cfg, key=jax.random.key(0))))
+
+
 def count_params(model: GPT) -> int:
     return sum(int(p.size) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))

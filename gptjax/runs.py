@@ -15,6 +15,7 @@ from typing import NamedTuple
 import jax
 from flax import nnx
 
+from gptjax import model as model_lib
 from gptjax.checkpoint import Checkpointer
 from gptjax.config import Config
 from gptjax.errors import GptjaxError
@@ -94,7 +95,7 @@ def load(path: str | Path, *, shardings: nnx.State | None = None) -> Loaded:
             :func:`gptjax.sharding.param_shardings`); default: the first device.
     """
     config, meta = read_config(path)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: GPT(config.model, key=jax.random.key(0))))
+    graphdef, abstract = model_lib.abstract(config.model)
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, abstract)

@@ -27,41 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gptjax.config import SamplingParams  # noqa: F401  (defined with the other configs)
 from gptjax.errors import GptjaxError
 from gptjax.host import keep_freed_memory
 from gptjax.model import GPT
 
 _GENERATE_CHUNK = 64  # the most decode steps per compiled call in generate()
 _MIN_BUCKET = 8  # the shortest prompt block, so that short prompts share one program
-
-
-@dataclass(frozen=True, kw_only=True)
-class SamplingParams:
-    """How the next token is chosen; the filters combine (temperature first, then the rest).
-
-    Attributes:
-        temperature: Divides the logits; 0 is greedy (argmax), and values near 0 approach it.
-        top_k: Keep the k most likely tokens; 0 disables (Fan et al. 2018).
-        top_p: Keep the smallest set of most likely tokens whose probability reaches top_p
-            (nucleus sampling, Holtzman et al. 2020); 1 disables. The top token always stays.
-        min_p: Drop tokens whose probability is below min_p times the top token's (Nguyen
-            et al. 2024); 0 disables.
-    """
-
-    temperature: float = 0.8
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.temperature < math.inf:
-            raise GptjaxError(f"temperature ({self.temperature}) must be >= 0 and finite (0 is greedy)")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise GptjaxError(f"top_k ({self.top_k}) must be an integer >= 1, or 0 to disable it")
-        if not 0 < self.top_p <= 1:
-            raise GptjaxError(f"top_p ({self.top_p}) must be in (0, 1]; 1 disables it")
-        if not 0 <= self.min_p < 1:
-            raise GptjaxError(f"min_p ({self.min_p}) must be in [0, 1); 0 disables it")
+_DEFAULT_PARAMS = SamplingParams()
 
 
 @dataclass(frozen=True)
@@ -257,7 +230,7 @@ def generate(
     prompts: Sequence[str] | Sequence[Sequence[int]],
     *,
     max_new_tokens: int,
-    params: SamplingParams = SamplingParams(),
+    params: SamplingParams = _DEFAULT_PARAMS,
     seed: int = 0,
     tokenizer=None,
     stop_tokens: Sequence[int] = (),
@@ -298,7 +271,7 @@ def stream(
     prompts: Sequence[str] | Sequence[Sequence[int]],
     *,
     max_new_tokens: int,
-    params: SamplingParams = SamplingParams(),
+    params: SamplingParams = _DEFAULT_PARAMS,
     seed: int = 0,
     tokenizer=None,
     stop_tokens: Sequence[int] = (),

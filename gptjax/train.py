@@ -1,4 +1,5 @@
-"""Training: the train state, the jitted train and eval steps, and the loop.
+"""Training: the loop every task runs (language modelling here, fine-tuning through a
+:class:`~gptjax.steps.Task`), its setup, and validation.
 
 The train step is a pure function ``(state, batch) -> (state, metrics)``, jitted once with
 explicit shardings over the mesh from :mod:`gptjax.sharding` and with the state donated.
@@ -12,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -20,31 +23,21 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from gptjax import data as data_lib
 from gptjax import sharding
 from gptjax.checkpoint import Checkpointer
-from gptjax.config import Config, OptimConfig, flops_per_token
+from gptjax.config import Config, flops_per_token
 from gptjax.errors import GptjaxError
 from gptjax.host import keep_freed_memory
 from gptjax.metrics import MetricsLogger, StepTimer, peak_flops, peak_memory
 from gptjax.model import GPT
+from gptjax.model import abstract as model_abstract
+from gptjax.optim import keep_moments, lr_schedule, make_optimizer, weight_decay_mask  # noqa: F401
 from gptjax.preemption import StopRequest
 from gptjax.runs import check_compatible, load_params, prepare_run_dir, read_config
-
-# Parameters that weight decay applies to: the weight matrices. Embeddings join them when
-# ``optim.decay_embeddings`` is set; biases and LayerNorm parameters never do.
-_MATRICES = ("c_attn", "c_proj", "c_fc", "lm_head")
-_EMBEDDINGS = ("wte", "wpe")
-
-
-class TrainState(NamedTuple):
-    step: jax.Array  # () int32: updates applied so far
-    params: nnx.State
-    opt_state: optax.OptState
-    rng: jax.Array  # (2,) uint32: key data of the base dropout key
+from gptjax.steps import Task, TrainState, lm_loss, make_eval_step, make_grad_fn, make_train_step  # noqa: F401
 
 
 @dataclasses.dataclass
@@ -59,144 +52,39 @@ class TrainResult:
     interrupted: bool = False
 
 
-# --------------------------------------------------------------------------------------
-# Optimisation
-
-
-def lr_schedule(optim: OptimConfig, total_steps: int):
-    """The learning rate at each step (0-based), as a jittable function.
-
-    Linear warmup from 0 at step 0 to ``lr`` at step ``warmup_steps``; then ``cosine``
-    decays to ``min_lr`` at the last step (``total_steps - 1``), ``constant`` stays at
-    ``lr``, and ``wsd`` holds ``lr`` until the last ``decay_fraction`` of the steps and
-    decays linearly to ``min_lr`` at the last step.
-    """
-    lr, floor, warmup = optim.lr, optim.min_lr, optim.warmup_steps
-    last = max(total_steps - 1, 1)
-    decay_start = max(warmup, round(total_steps * (1 - optim.decay_fraction)))
-
-    def schedule(step):
-        step = jnp.asarray(step, jnp.float32)
-        warm = lr * step / max(warmup, 1)
-        if optim.schedule == "cosine":
-            progress = jnp.clip((step - warmup) / max(last - warmup, 1), 0.0, 1.0)
-            after = floor + 0.5 * (1 + jnp.cos(jnp.pi * progress)) * (lr - floor)
-        elif optim.schedule == "constant":
-            after = jnp.asarray(lr, jnp.float32)
-        else:  # wsd
-            progress = jnp.clip((step - decay_start) / max(last - decay_start, 1), 0.0, 1.0)
-            after = lr + progress * (floor - lr)
-        return jnp.where(step < warmup, warm, after)
-
-    return schedule
-
-
-def weight_decay_mask(params: nnx.State, decay_embeddings: bool = False):
-    """True for the parameters weight decay applies to (see ``_MATRICES``)."""
-    names = _MATRICES + (_EMBEDDINGS if decay_embeddings else ())
-
-    def decide(path, _):
-        return _key(path[-2] if _key(path[-1]) == "value" else path[-1]) in names
-
-    return jax.tree_util.tree_map_with_path(decide, params)
-
-
-def _key(entry) -> str:
-    return str(getattr(entry, "key", getattr(entry, "name", entry)))
-
-
-def make_optimizer(optim: OptimConfig, total_steps: int, params: nnx.State) -> optax.GradientTransformation:
-    adamw = optax.adamw(
-        lr_schedule(optim, total_steps),
-        b1=optim.beta1,
-        b2=optim.beta2,
-        eps=optim.eps,
-        weight_decay=optim.weight_decay,
-        mask=weight_decay_mask(params, optim.decay_embeddings),
+def language_model(config: Config, dataset: data_lib.Dataset | None = None) -> Task:
+    """Next-token prediction on ``dataset`` (its data hooks are None without one)."""
+    task = Task(
+        loss=lm_loss,
+        init_head=lambda key: (),
+        optimizer=lambda params, head, total: make_optimizer(config.optim, total, params),
+        lr=lr_schedule(config.optim, config.train.steps),
+        initialise=(lambda state, setup: _init_from(config, setup, state))
+        if config.train.init_from
+        else None,
     )
-    if optim.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(optim.grad_clip), adamw)
-    return adamw
-
-
-# --------------------------------------------------------------------------------------
-# Steps
-
-
-def make_loss_fn(graphdef: nnx.GraphDef):
-    def loss_fn(params, tokens, dropout_key=None):  # tokens (B, T+1)
-        logits = nnx.merge(graphdef, params)(tokens[:, :-1], dropout_key=dropout_key)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-
-    return loss_fn
-
-
-def make_grad_fn(graphdef: nnx.GraphDef, config: Config):
-    """``(params, batch (B, T+1), key) -> (mean loss, mean gradients)`` over the whole batch.
-
-    With ``optim.accum_steps = k`` the batch runs as k micro-batches in a ``lax.scan``
-    whose summed gradients, divided by k, are the big batch's (equal-size micro-batches).
-    """
-    loss_and_grad = jax.value_and_grad(make_loss_fn(graphdef))
-    m = config.model
-    uses_dropout = max(m.embd_dropout, m.attn_dropout, m.resid_dropout) > 0
-    k = config.optim.accum_steps
-
-    def grad_fn(params, batch, key):
-        if k == 1:
-            return loss_and_grad(params, batch, key if uses_dropout else None)
-        # Row j*k + i goes to micro-batch i, so each micro-batch stays spread over every
-        # data-parallel device.
-        micro = batch.reshape(batch.shape[0] // k, k, -1).swapaxes(0, 1)  # (k, B/k, T+1)
-
-        def accumulate(carry, xs):
-            tokens, i = xs
-            result = loss_and_grad(params, tokens, jax.random.fold_in(key, i) if uses_dropout else None)
-            return jax.tree.map(jnp.add, carry, result), None
-
-        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-        total = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(k)))[0]
-        return jax.tree.map(lambda x: x / k, total)
-
-    return grad_fn
-
-
-def make_train_step(graphdef: nnx.GraphDef, optimizer, config: Config):
-    """``(state, batch (B, T+1)) -> (state, metrics)``.
-
-    A non-finite loss or gradient skips the update: parameters and optimizer state stay
-    as they were, the step still advances (it indexes the data and the schedule), and
-    ``metrics["skipped"]`` is 1.
-    """
-    grad_fn = make_grad_fn(graphdef, config)
-    schedule = lr_schedule(config.optim, config.train.steps)
-
-    def train_step(state: TrainState, batch: jax.Array):
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        loss, grads = grad_fn(state.params, batch, key)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "skipped": 1 - finite}
-        new_state = TrainState(
-            state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state), state.rng
-        )
-        return new_state, metrics
-
-    return train_step
-
-
-def make_eval_step(graphdef: nnx.GraphDef):
-    """``(params, tokens (B, T+1), weights (B, T)) -> (sum of weighted NLL, sum of weights)``."""
-
-    def eval_step(params, tokens, weights):
-        logits = nnx.merge(graphdef, params)(tokens[:, :-1])
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
-        return (nll * weights).sum(), weights.sum()
-
-    return eval_step
+    if dataset is None:
+        return task
+    tc, seq = config.train, config.model.block_size
+    _, data_seed, _ = jax.random.split(jax.random.key(tc.seed), 3)
+    batches = data_lib.TrainBatches(
+        dataset.train,
+        seq_len=seq,
+        global_batch=tc.batch_size,
+        seed=int(jax.random.randint(data_seed, (), 0, 2**31 - 1)),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    val_bytes = dataset.meta.get("bytes", {}).get("val")
+    # Per predicted token: N tokens hold N - 1 predictions (as evaluate.lm_metrics counts).
+    bytes_per_token = val_bytes / max(len(dataset.val) - 1, 1) if val_bytes else None
+    return task._replace(
+        batches=batches,
+        evaluate=lambda setup, params, head: evaluate(setup, params, dataset.val, config, bytes_per_token),
+        tokens_per_step=tc.batch_size * seq,
+        meta={"tokenizer": dataset.tokenizer.name},
+        tokenizer=dataset.tokenizer,
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -212,8 +100,12 @@ class Setup(NamedTuple):
     eval_step: Any  # jitted
 
 
-def build(config: Config, mesh: jax.sharding.Mesh | None = None) -> Setup:
-    """Mesh, shardings, the jitted init/train/eval functions; no arrays are allocated."""
+def build(config: Config, mesh: jax.sharding.Mesh | None = None, task: Task | None = None) -> Setup:
+    """Mesh, shardings, the jitted init/train/eval functions; no arrays are allocated.
+
+    ``task`` gives the loss, the head and the optimizer (default: language modelling).
+    """
+    task = task or language_model(config)
     mesh = mesh or sharding.make_mesh(config.mesh)
     dp = sharding.data_parallel_size(mesh)
     micro = config.train.batch_size // config.optim.accum_steps
@@ -228,10 +120,13 @@ def build(config: Config, mesh: jax.sharding.Mesh | None = None) -> Setup:
         )
     root = jax.random.key(config.train.seed)
     init_key, _, train_key = jax.random.split(root, 3)
-    graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: GPT(config.model, key=init_key)))
-    optimizer = make_optimizer(config.optim, config.train.steps, abstract_params)
+    head_key = jax.random.fold_in(init_key, 1)
+    graphdef, abstract_params = model_abstract(config.model)
+    abstract_head = jax.eval_shape(task.init_head, head_key)
+    optimizer = task.optimizer(abstract_params, abstract_head, config.train.steps)
     param_sh = sharding.param_shardings(abstract_params, mesh)
     replicated = sharding.replicated(mesh)
+    head_sh = jax.tree.map(lambda _: replicated, abstract_head)
 
     def opt_sharding(x):
         if isinstance(x, nnx.Variable):
@@ -240,15 +135,15 @@ def build(config: Config, mesh: jax.sharding.Mesh | None = None) -> Setup:
             )
         return replicated
 
-    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+    abstract_opt = jax.eval_shape(optimizer.init, (abstract_params, abstract_head))
     opt_sh = jax.tree.map(opt_sharding, abstract_opt, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    state_sh = TrainState(replicated, param_sh, opt_sh, replicated)
+    state_sh = TrainState(replicated, param_sh, opt_sh, replicated, head_sh)
 
     def init():
         params = nnx.split(GPT(config.model, key=init_key))[1]
-        return TrainState(
-            jnp.zeros((), jnp.int32), params, optimizer.init(params), jax.random.key_data(train_key)
-        )
+        head = task.init_head(head_key)
+        opt_state = optimizer.init((params, head))
+        return TrainState(jnp.zeros((), jnp.int32), params, opt_state, jax.random.key_data(train_key), head)
 
     abstract_state = jax.eval_shape(init)
     abstract_state = jax.tree.map(
@@ -256,8 +151,8 @@ def build(config: Config, mesh: jax.sharding.Mesh | None = None) -> Setup:
     )
     batch_sh = sharding.batch_sharding(mesh)
     train_step = jax.jit(
-        sharding.under_mesh(mesh, make_train_step(graphdef, optimizer, config)),
-        in_shardings=(state_sh, batch_sh),
+        sharding.under_mesh(mesh, make_train_step(graphdef, optimizer, config, task.loss, task.lr)),
+        in_shardings=(state_sh, None),  # the batch arrives placed (sharding.global_batch)
         out_shardings=(state_sh, replicated),
         donate_argnums=0,
     )
@@ -271,19 +166,17 @@ def build(config: Config, mesh: jax.sharding.Mesh | None = None) -> Setup:
 
 def evaluate(setup: Setup, params, val_tokens: np.ndarray, config: Config, bytes_per_token: float | None):
     """A full pass (or ``eval_max_batches`` batches) over the validation tokens."""
-    total, count = 0.0, 0.0
-    for tokens, weights in data_lib.eval_batches(
+    from gptjax.evaluate import nll_sum
+
+    total, count = nll_sum(
+        setup.eval_step,
+        params,
         val_tokens,
         seq_len=config.model.block_size,
         batch_size=config.train.batch_size // config.optim.accum_steps,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
         max_batches=config.train.eval_max_batches,
-    ):
-        nll, n = setup.eval_step(
-            params, sharding.global_batch(tokens, setup.mesh), sharding.global_batch(weights, setup.mesh)
-        )
-        total, count = total + float(nll), count + float(n)
+        mesh=setup.mesh,
+    )
     loss = total / max(count, 1.0)
     out = {"val_loss": loss, "val_perplexity": math.exp(min(loss, 80.0))}
     if bytes_per_token:
@@ -310,6 +203,7 @@ def train(
     mesh: jax.sharding.Mesh | None = None,
     stop_at: int | None = None,
     batch_hook: Callable[[int, np.ndarray], np.ndarray] | None = None,
+    task: Task | None = None,
 ) -> TrainResult:
     """Train (or resume) the run described by ``config``.
 
@@ -320,25 +214,29 @@ def train(
             fault-injection tests and data surgery).
         stop_at: Stop after this step as if preempted (save, return): for jobs that run a
             long schedule a slice at a time.
+        task: What to optimise (default: next-token prediction on ``config.data``);
+            :func:`gptjax.finetune.finetune` passes its own.
     """
     keep_freed_memory()
     sharding.initialize_distributed()
     is_main = jax.process_index() == 0
     run_dir = prepare_run_dir(config)
-    dataset = data_lib.load_dataset(
-        config.data, seq_len=config.model.block_size, vocab_size=config.model.vocab_size
-    )
-    setup = build(config, mesh)
-    ckpt = Checkpointer(run_dir / "checkpoints", keep=config.train.keep_checkpoints)
+    if task is None:
+        dataset = data_lib.load_dataset(
+            config.data, seq_len=config.model.block_size, vocab_size=config.model.vocab_size
+        )
+        task = language_model(config, dataset)
+    setup = build(config, mesh, task)
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=config.train.keep_checkpoints, best=task.best)
     logger = MetricsLogger(run_dir, enabled=is_main, total_steps=config.train.steps)
     try:
-        return _run(config, run_dir, dataset, setup, ckpt, logger, stop_at, batch_hook)
+        return _run(config, run_dir, task, setup, ckpt, logger, stop_at, batch_hook)
     finally:
         ckpt.close()
         logger.close()
 
 
-def _restore_or_init(config: Config, setup: Setup, ckpt: Checkpointer, logger: MetricsLogger) -> TrainState:
+def _restore_or_init(config: Config, setup: Setup, ckpt: Checkpointer, logger: MetricsLogger, task: Task):
     """The newest readable checkpoint's state; a fresh (or ``init_from``) state if none.
 
     An unreadable checkpoint (a truncated or missing array file) is reported by step and
@@ -374,45 +272,33 @@ def _restore_or_init(config: Config, setup: Setup, ckpt: Checkpointer, logger: M
         )
     state = setup.init()
     logger.truncate(0)  # rows of an earlier attempt that was killed before its first checkpoint
-    if config.train.init_from:
-        state = _init_from(config, setup, state)
-        logger.print(f"gptjax: parameters initialised from {config.train.init_from}")
+    if task.initialise is not None:
+        state = task.initialise(state, setup)
+        logger.print(f"gptjax: parameters initialised from {config.train.init_from or 'the task'}")
     shape = dict(setup.mesh.shape)
     logger.print(f"gptjax: new run in {ckpt.directory.parent} on {setup.mesh.devices.size} device(s) {shape}")
     return state
 
 
-def _run(config, run_dir, dataset, setup, ckpt, logger, stop_at, batch_hook) -> TrainResult:
+def _run(config, run_dir, task: Task, setup, ckpt, logger, stop_at, batch_hook) -> TrainResult:
     tc = config.train
-    meta = {"config": config.to_dict(), "tokenizer": dataset.tokenizer.name}
-    state = _restore_or_init(config, setup, ckpt, logger)
+    meta = {"config": config.to_dict(), **task.meta}
+    state = _restore_or_init(config, setup, ckpt, logger, task)
     if jax.process_index() == 0:
         (run_dir / "config.json").write_text(config.to_json())
 
-    seq = config.model.block_size
-    _, data_seed, _ = jax.random.split(jax.random.key(tc.seed), 3)
-    batches = data_lib.TrainBatches(
-        dataset.train,
-        seq_len=seq,
-        global_batch=tc.batch_size,
-        seed=int(jax.random.randint(data_seed, (), 0, 2**31 - 1)),
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    val_bytes = dataset.meta.get("bytes", {}).get("val")
-    bytes_per_token = val_bytes / len(dataset.val) if val_bytes else None
+    batches, seq = task.batches, config.model.block_size
     flops = flops_per_token(config.model, seq)["total"]
     peak, peak_source = peak_flops(config.model.dtype, tc.peak_flops)
     n_devices = setup.mesh.devices.size
     start = int(state.step)
     metrics: dict[str, float] = {}
-    interrupted = False
+    interrupted = finished_early = False
+    last_eval = None  # the step of the last validation
     if start < tc.steps:  # a finished run only evaluates
         logger.print(f"gptjax: MFU against {peak / 1e12:.3g} TFLOP/s per device, {peak_source}")
         t_compile = time.perf_counter()
-        compiled = setup.train_step.lower(
-            state, sharding.global_batch(batches.batch(start), setup.mesh)
-        ).compile()
+        compiled = setup.train_step.lower(state, _global_batch(batches.batch(start), setup.mesh)).compile()
         compile_time = time.perf_counter() - t_compile
         logger.print(f"gptjax: train step compiled in {compile_time:.1f}s")
         logger.write(start, {"compile_time": compile_time})
@@ -424,7 +310,7 @@ def _run(config, run_dir, dataset, setup, ckpt, logger, stop_at, batch_hook) -> 
             for step, local in timer.wait(stream):
                 if batch_hook is not None:
                     local = batch_hook(step, local)
-                state, step_metrics = compiled(state, sharding.global_batch(local, setup.mesh))
+                state, step_metrics = compiled(state, _global_batch(local, setup.mesh))
                 if pending is not None:
                     bad = int(pending["skipped"])
                     bad_run, skipped_total = (bad_run + 1 if bad else 0), skipped_total + bad
@@ -438,22 +324,25 @@ def _run(config, run_dir, dataset, setup, ckpt, logger, stop_at, batch_hook) -> 
                 done = step + 1
                 if done % tc.log_every == 0 or done == tc.steps:
                     metrics = {k: float(v) for k, v in step_metrics.items()}  # waits for the step
-                    metrics.update(timer.rates(done - start, tc.batch_size * seq, flops, peak * n_devices))
+                    metrics.update(timer.rates(done - start, task.tokens_per_step, flops, peak * n_devices))
                     metrics["skipped_total"] = skipped_total + int(metrics["skipped"])
                     logger.write(done, metrics)
                     logger.progress(done, metrics)
                 eval_now = tc.eval_every and done % tc.eval_every == 0 and done != tc.steps
                 if eval_now:
                     with timer.pause():
-                        ev = evaluate(setup, state.params, dataset.val, config, bytes_per_token)
+                        ev = task.evaluate(setup, state.params, state.head)
                     logger.write(done, ev)
                     logger.progress(done, ev)
                     metrics.update(ev)
+                    last_eval = done
+                    finished_early = task.after_eval is not None and task.after_eval(done, ev)
                 if tc.sample_every and done % tc.sample_every == 0 and done != tc.steps:
                     with timer.pause():
-                        _samples(config, setup, state.params, dataset.tokenizer, logger)
+                        _samples(config, setup, state.params, task.tokenizer, logger)
                 stopping = stop.at(done) or done == stop_at
-                if stopping or (tc.checkpoint_every and done % tc.checkpoint_every == 0 and done != tc.steps):
+                every = tc.checkpoint_every and done % tc.checkpoint_every == 0 and done != tc.steps
+                if stopping or finished_early or every:
                     with timer.pause(stall=True):
                         ckpt.save(
                             done, state, {**meta, "step": done}, metrics=_eval_only(ev) if eval_now else None
@@ -462,25 +351,36 @@ def _run(config, run_dir, dataset, setup, ckpt, logger, stop_at, batch_hook) -> 
                     interrupted = True
                     logger.print(f"gptjax: stop requested; saved step {done}, exiting")
                     break
+                if finished_early:
+                    logger.print(f"gptjax: {task.meta.get('task', 'the task')} stopped early at step {done}")
+                    break
         stream.close()  # stops the prefetch thread
         logger.write(int(state.step), peak_memory())
     final_step = int(state.step)
     if not interrupted:
-        ev = evaluate(setup, state.params, dataset.val, config, bytes_per_token)
-        metrics.update(ev)
-        logger.write(final_step, ev)
-        logger.progress(final_step, ev)
+        if last_eval != final_step:
+            ev = task.evaluate(setup, state.params, state.head)
+            metrics.update(ev)
+            logger.write(final_step, ev)
+            logger.progress(final_step, ev)
+            if task.after_eval is not None:
+                task.after_eval(final_step, ev)
         if final_step not in ckpt.all_steps():
             ckpt.save(final_step, state, {**meta, "step": final_step}, metrics=_eval_only(ev))
     ckpt.wait()
     samples = (
         []
         if interrupted or not config.sample.num_samples
-        else _samples(config, setup, state.params, dataset.tokenizer, logger)
+        else _samples(config, setup, state.params, task.tokenizer, logger)
     )
     if jax.process_index() == 0:
         (run_dir / "result.json").write_text(json.dumps({"step": final_step, **metrics}, indent=2))
     return TrainResult(run_dir, final_step, metrics, samples, state, interrupted)
+
+
+def _global_batch(local, mesh):
+    """This process's batch (an array or a pytree of arrays) as global, batch-sharded arrays."""
+    return jax.tree.map(lambda x: sharding.global_batch(x, mesh), local)
 
 
 def _eval_only(metrics: dict) -> dict:
@@ -489,7 +389,7 @@ def _eval_only(metrics: dict) -> dict:
 
 def _samples(config: Config, setup: Setup, params, tokenizer, logger) -> list[str]:
     """Print a few samples from the trained model (the sampler issue's generate)."""
-    from gptjax.sample import SamplingParams, generate
+    from gptjax.sample import generate
 
     sc = config.sample
     if not sc.num_samples:
@@ -500,7 +400,7 @@ def _samples(config: Config, setup: Setup, params, tokenizer, logger) -> list[st
         model,
         [sc.prompt] * sc.num_samples,
         max_new_tokens=max_new,
-        params=SamplingParams(temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p, min_p=sc.min_p),
+        params=sc.sampling_params,
         seed=sc.seed,
         tokenizer=tokenizer,
         eot_id=tokenizer.eot_id,
@@ -508,3 +408,17 @@ def _samples(config: Config, setup: Setup, params, tokenizer, logger) -> list[st
     for i, text in enumerate(out.texts):
         logger.print(f"--- sample {i} ---\n{sc.prompt}{text}")
     return list(out.texts)
+
+
+class _CallableModule(types.ModuleType):
+    """``gptjax.train`` is this module, and calling it runs :func:`train`.
+
+    So ``gptjax.train(config)`` trains, while ``gptjax.train.build`` and
+    ``import gptjax.train`` reach the module instead of a function that shadows it.
+    """
+
+    def __call__(self, *args, **kwargs) -> TrainResult:
+        return train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

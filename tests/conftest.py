@@ -1,12 +1,29 @@
-"""Test setup: 8 fake CPU devices (set before jax is imported) and the offline assets."""
+"""Test setup: one CPU device (8 fake ones for ``multidevice`` tests), JAX's persistent
+compilation cache, and the offline assets. All set before jax is imported.
+
+Nano models train faster on one device than on 8 fake devices sharing the cores, so the
+suite runs on one; tests marked ``multidevice`` (sharding, meshes, multi-host) are run by
+this session at its end in a second pytest process with 8 devices (``GPTJAX_TEST_DEVICES``).
+Every process of the suite, subprocesses included, shares one compilation cache directory
+(per run unless ``JAX_COMPILATION_CACHE_DIR`` is set), so a step compiled once is loaded after.
+"""
 
 import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
+DEVICES = int(os.environ.get("GPTJAX_TEST_DEVICES", "1"))
+os.environ["XLA_FLAGS"] = f"{_XLA_FLAGS} --xla_force_host_platform_device_count={DEVICES}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="gptjax-test-jax-cache-")
+# Artifacts that tests build once and reuse, in this process and in the multidevice one.
+os.environ.setdefault("GPTJAX_TEST_SHARED_DIR", tempfile.mkdtemp(prefix="gptjax-test-shared-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 if (SHARED / "tiktoken-cache").is_dir():
@@ -22,6 +39,12 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip("../shared (offline assets for developers and CI) is absent")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def suite_dir() -> Path:
+    """A directory shared by this run's pytest processes, for artifacts built once per run."""
+    return Path(os.environ["GPTJAX_TEST_SHARED_DIR"])
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +65,37 @@ def corpus(tmp_path, monkeypatch) -> Path:
     for i in range(40):
         (text_dir / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(words, 300)) + "\n")
     return text_dir
+
+
+# --------------------------------------------------------------------------------------
+# multidevice tests: deselected here, run at the end with 8 devices
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "multidevice: needs 8 (fake CPU) devices; run in a subprocess")
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection
+def pytest_collection_modifyitems(config, items):
+    if DEVICES >= 8:
+        return
+    multi = [item for item in items if item.get_closest_marker("multidevice")]
+    if multi:
+        items[:] = [item for item in items if not item.get_closest_marker("multidevice")]
+        config.hook.pytest_deselected(items=multi)
+        config.stash[_MULTI] = [item.nodeid for item in multi]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    nodeids = session.config.stash.get(_MULTI, [])
+    if not nodeids or session.config.option.collectonly or exitstatus not in (0, 1):
+        return
+    env = {**os.environ, "GPTJAX_TEST_DEVICES": "8", "XLA_FLAGS": _XLA_FLAGS}
+    print(f"\n--- {len(nodeids)} multidevice test(s), on 8 devices in a subprocess ---", flush=True)
+    args = ["-p", "no:cacheprovider", "-q", *(["-x"] if session.config.option.maxfail == 1 else []), *nodeids]
+    rc = subprocess.call([sys.executable, "-m", "pytest", *args], env=env, cwd=session.config.rootpath)
+    if rc != 0:
+        session.exitstatus = rc
+
+
+_MULTI = pytest.StashKey[list]()

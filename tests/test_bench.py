@@ -127,6 +127,7 @@ def test_analytic_estimate_counts_state_and_activations():
     assert est["total_bytes"] > 3010 and est["argument_bytes"] == 3010
 
 
+@pytest.mark.multidevice
 def test_cpu_devices_share_the_measured_peak(monkeypatch):
     """The 8 fake CPU devices of the suite share the cores the probe measured: per-device
     peak x devices is the probe's rate, not 8 times it (MFU would read 8x too low)."""

@@ -6,7 +6,9 @@ import shutil
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
@@ -66,10 +68,17 @@ def _poison(steps):
 def test_a_nan_step_is_skipped_and_training_continues(corpus, tmp_path):
     clean = train_lib.train(_config(corpus, tmp_path / "clean"), stop_at=2)
     poisoned = train_lib.train(_config(corpus, tmp_path / "poisoned"), stop_at=3, batch_hook=_poison({2}))
-    # Step 3 (0-based step 2) was skipped: parameters and optimizer state are step 2's.
+    # Step 3 (0-based step 2) was skipped: parameters and Adam's moments are step 2's; the
+    # schedule's count advanced with state.step (one step counter), so the lr logged is applied.
     _same(clean.state.params, poisoned.state.params)
-    _same(clean.state.opt_state, poisoned.state.opt_state)
+    is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
+    moments = lambda s: [x for x in jax.tree.leaves(s, is_leaf=is_schedule) if not is_schedule(x)]
+    _same(moments(clean.state.opt_state), moments(poisoned.state.opt_state))
     assert int(poisoned.state.step) == 3
+    counts = [
+        int(x.count) for x in jax.tree.leaves(poisoned.state.opt_state, is_leaf=is_schedule) if is_schedule(x)
+    ]
+    assert counts == [3]
     rows = {r["step"]: r for r in _rows(tmp_path / "poisoned") if "loss" in r}
     assert rows[3]["skipped"] == 1 and not np.isfinite(rows[3]["loss"])
     assert rows[3]["skipped_total"] == 1
@@ -177,3 +186,25 @@ def test_a_failing_save_is_a_clear_error_and_keeps_earlier_checkpoints(corpus, t
     ckpt.close()
     assert train_lib.train(_config(corpus, run_dir)).step == 6
     shutil.rmtree(run_dir)
+
+
+def test_val_bits_per_byte_matches_gptjax_eval(corpus, tmp_path):
+    """The loop's full-pass bits per byte is evaluate.lm_metrics' (N - 1 predictions, not N)."""
+    from gptjax.evaluate import lm_metrics
+    from gptjax.runs import load
+
+    config = _config(corpus, tmp_path / "run", "train.steps=2", "train.eval_max_batches=0")
+    result = train_lib.train(config)
+    model = load(result.run_dir).model
+    reference = lm_metrics(model, config.data, batch_size=config.train.batch_size)
+    assert result.metrics["val_loss"] == pytest.approx(reference["loss"], rel=1e-6)
+    assert result.metrics["val_bits_per_byte"] == pytest.approx(reference["bits_per_byte"], rel=1e-6)
+
+
+def test_the_best_checkpoint_by_val_loss_is_kept_with_the_latest(tmp_path):
+    state = train_lib.TrainState(jnp.zeros((), jnp.int32), {"w": jnp.ones(2)}, (), jnp.zeros(2, jnp.uint32))
+    ckpt = Checkpointer(tmp_path / "checkpoints", keep=1, async_save=False)
+    for step, loss in [(1, 3.0), (2, 1.0), (3, 2.0), (4, 5.0)]:
+        ckpt.save(step, state, {"step": step}, metrics={"val_loss": loss})
+    ckpt.close()
+    assert sorted(Checkpointer(tmp_path / "checkpoints", read_only=True).all_steps()) == [2, 4]

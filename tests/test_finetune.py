@@ -17,17 +17,21 @@ from gptjax.config import MODEL_PRESETS, MeshConfig, load_config
 from gptjax.errors import GptjaxError
 from gptjax.finetune import (
     FinetuneConfig,
+    _optim,
     apply_overrides,
     finetune,
     grow_vocab,
     init_head,
     load_finetuned,
     make_loss_fn,
+    make_optimizer,
+    peak_lrs,
     predict,
     trainable_mask,
 )
 from gptjax.finetune_data import encode, pad_to, read_examples
 from gptjax.model import GPT
+from gptjax.optim import lr_schedule
 from gptjax.sharding import make_mesh
 from gptjax.tokenizer import ByteTokenizer
 from gptjax.train import train
@@ -43,12 +47,16 @@ def _recipe():
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """A nano byte-level model pretrained for 120 steps on text like the tasks' (~15 s)."""
-    root = tmp_path_factory.mktemp("pretrain")
+def pretrained(suite_dir):
+    """A nano byte-level model pretrained for 120 steps on text like the tasks' (~15 s),
+    once per test run (the multidevice process reuses it)."""
+    root = suite_dir / "finetune-pretrain"
+    if (root / "run" / "result.json").is_file():
+        return root / "run"
+    root.mkdir(parents=True, exist_ok=True)
     recipe = _recipe()
     corpus = root / "corpus"
-    corpus.mkdir()
+    corpus.mkdir(exist_ok=True)
     rng = np.random.default_rng(0)
     for i in range(10):
         lines = [recipe._sentence(rng, str(rng.choice(["APPLE", "ZEBRA", "the"]))) for _ in range(200)]
@@ -60,7 +68,7 @@ def pretrained(tmp_path_factory):
         "optim.lr=3e-3",
         "train.checkpoint_every=0",
     ]
-    overrides += ["optim.warmup_steps=10", "sample.num_samples=1", f"train.run_dir={root / 'run'}"]
+    overrides += ["optim.warmup_steps=10", "sample.num_samples=0", f"train.run_dir={root / 'run'}"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GPTJAX_CACHE_DIR", str(root / "cache"))
         one_device = make_mesh(MeshConfig(), jax.devices()[:1])  # 8 fake devices only slow a nano model
@@ -248,3 +256,162 @@ def test_cli_runs_the_recipe(pretrained, tmp_path, monkeypatch, capsys):
     assert main(["finetune", str(RECIPE), "bogus=1"]) == 2
     assert "unknown fine-tune config key 'bogus'" in capsys.readouterr().err
     assert main(["finetune", str(RECIPE), f"init_from={pretrained}", "run_dir=ft"]) == 2  # no overwriting
+
+
+# --------------------------------------------------------------------------------------
+# The recipe: rates, Adam counts, dropout, the gpt1 preset (unit level: no training)
+
+
+def _grown_params(n_layer=3):
+    nano = MODEL_PRESETS["nano"]
+    model_cfg = dataclasses.replace(nano, n_layer=n_layer, tie_embeddings=False, vocab_size=260)
+    return nnx.state(GPT(model_cfg, key=jax.random.key(0))), init_head(32, 2, jax.random.key(1))
+
+
+def _updates(cfg, params, head, steps, total=1000):
+    """Per step, the update each parameter got from constant unit gradients."""
+    optimizer = make_optimizer(cfg, total, params, head)
+    state = optimizer.init((params, head))
+    grads = jax.tree.map(jnp.ones_like, (params, head))
+    update = jax.jit(optimizer.update)
+    out = []
+    for _ in range(steps):
+        updates, state = update(grads, state, (params, head))
+        out.append(updates)
+    return out
+
+
+def test_new_embedding_rows_train_at_the_head_rate():
+    params, head = _grown_params()
+    cfg = FinetuneConfig(freeze_body=True, body_lr=1e-6, head_lr=1e-2, weight_decay=0.0)
+    (body, head_update) = _updates(cfg, params, head, 3)[-1]  # after the 2-step warmup: factor ~1
+    wte = np.abs(np.asarray(body["wte"][...]))
+    assert wte[257:].min() > 0.9e-2 and wte[:257].max() == 0  # special rows at head_lr; body frozen
+    assert np.abs(np.asarray(head_update["w"])).min() > 0.9e-2
+    assert not np.abs(np.asarray(body["h"]["attn"]["c_attn"][...])).any()
+
+
+def test_gradual_unfreezing_gives_each_layer_its_own_adam_count():
+    """A layer opened at step 5 makes Adam's first step (|update| = lr) then, not 1/sqrt(1-b2^6) times it."""
+    params, head = _grown_params()
+    cfg = FinetuneConfig(unfreeze_every=5, body_lr=1e-3, head_lr=1e-3, weight_decay=0.0)
+    updates = _updates(cfg, params, head, 6)
+    lr = [float(lr_schedule(_optim(cfg, 1000), 1000)(s)) for s in range(6)]
+    layers = [np.abs(np.asarray(u[0]["h"]["mlp"]["c_fc"][...])).reshape(3, -1) for u in updates]
+    assert not layers[4][1].any()  # the middle layer is closed until step 5
+    np.testing.assert_allclose(layers[5][1], lr[5], rtol=1e-5)  # its first step: exactly lr
+    np.testing.assert_allclose(layers[5][2], lr[5], rtol=1e-5)  # the top layer, 6 steps in
+    assert not layers[5][0].any()
+
+
+def test_discriminative_rates_per_layer():
+    params, head = _grown_params()
+    cfg = FinetuneConfig(body_lr=1e-3, head_lr=5e-3, layer_lr_decay=2.6, weight_decay=0.0)
+    lrs = peak_lrs(params, cfg, 3, 257)
+    per_layer = np.asarray(lrs["h"]["attn"]["c_attn"][...]).ravel()
+    np.testing.assert_allclose(per_layer, [1e-3 / 2.6**2, 1e-3 / 2.6, 1e-3], rtol=1e-6)  # float32
+    wte = np.asarray(lrs["wte"][...]).ravel()
+    np.testing.assert_allclose(wte[[0, 256, 257, 259]], [1e-3 / 2.6**3] * 2 + [5e-3] * 2, rtol=1e-6)
+    assert float(lrs["ln_f"]["scale"][...]) == pytest.approx(1e-3, rel=1e-6)
+    # And the optimizer applies them: constant gradients, one open step after warmup.
+    body = _updates(cfg, params, head, 3)[-1][0]
+    per_layer = np.abs(np.asarray(body["h"]["mlp"]["c_fc"][...])).reshape(3, -1).max(1)
+    np.testing.assert_allclose(per_layer[:2] / per_layer[1:], 1 / 2.6, rtol=1e-5)
+
+
+def test_dropout_reaches_the_body_and_the_classifier(tasks, tmp_path):
+    assert FinetuneConfig().dropout == 0.1  # GPT-1's
+    model_cfg = dataclasses.replace(MODEL_PRESETS["nano"], vocab_size=260)  # no body dropout here
+    graphdef, params = nnx.split(GPT(model_cfg, key=jax.random.key(0)))
+    head = init_head(32, 2, jax.random.key(2))
+    batch = _batch(_config("unused", tasks, tmp_path))
+    loss_fn = make_loss_fn(graphdef, "classification", 0.0, dropout=0.5)
+    logits = [loss_fn(params, head, batch, k)[1][2] for k in (None, jax.random.key(1))]
+    assert not np.allclose(np.asarray(logits[0]), np.asarray(logits[1]))  # the classifier's input
+    no_drop = make_loss_fn(graphdef, "classification", 0.0, dropout=0.0)
+    np.testing.assert_array_equal(no_drop(params, head, batch, jax.random.key(1))[1][2], logits[0])
+
+
+def test_gpt1_preset_carries_the_gpt1_recipe():
+    config = load_config("gpt1")
+    m, o, t = config.model, config.optim, config.train
+    assert (m.embd_dropout, m.attn_dropout, m.resid_dropout) == (0.1, 0.1, 0.1)
+    assert (m.n_layer, m.n_embd, m.block_size, m.activation) == (12, 768, 512, "gelu")
+    assert (o.lr, o.beta2, o.weight_decay, o.warmup_steps, o.schedule, o.min_lr) == (
+        2.5e-4,
+        0.999,
+        0.01,
+        2000,
+        "cosine",
+        0.0,
+    )
+    assert t.batch_size == 64
+
+
+# --------------------------------------------------------------------------------------
+# On the trainer: sharding, resume, preemption, skipped steps
+
+
+def _short(pretrained, tasks, run_dir, **fields):
+    cfg = _config(pretrained, tasks, run_dir, max_steps=6, body_lr=1e-3, head_lr=3e-3)
+    return dataclasses.replace(cfg, **{"eval_every": 3, **fields})
+
+
+@pytest.mark.multidevice
+def test_finetune_on_8_devices_matches_one_device(pretrained, tasks, tmp_path):
+    one = finetune(_short(pretrained, tasks, tmp_path / "one"), log=lambda _: None, mesh=_one_device())
+    mesh = make_mesh(MeshConfig(data=4, fsdp=2))  # the 8 fake CPU devices
+    eight = finetune(_short(pretrained, tasks, tmp_path / "eight"), log=lambda _: None, mesh=mesh)
+    c_fc = eight.state.params["h"]["mlp"]["c_fc"][...]
+    assert len(c_fc.sharding.device_set) == 8 and "fsdp" in str(c_fc.sharding.spec)
+    assert [h["val_loss"] for h in eight.history] == pytest.approx(
+        [h["val_loss"] for h in one.history], rel=1e-5
+    )
+    # The key bias is left out: softmax is invariant to it, so its true gradient is 0 and Adam
+    # turns float noise of 1e-9 into +-lr steps differently on each mesh (test_train_step).
+    flat_one = jax.tree_util.tree_flatten_with_path((one.state.params, one.state.head))[0]
+    for (path, a), b in zip(flat_one, jax.tree.leaves((eight.state.params, eight.state.head)), strict=True):
+        a, b = np.asarray(a), np.asarray(b)
+        if "c_attn_bias" in jax.tree_util.keystr(path):
+            a, b = a[:, [0, 2]], b[:, [0, 2]]  # (L, q/k/v, N, H): queries and values
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_finetune_sigterm_saves_and_resumes_bitwise(pretrained, tasks, tmp_path):
+    import os
+    import signal
+
+    whole = finetune(_short(pretrained, tasks, tmp_path / "whole"), log=lambda _: None, mesh=_one_device())
+
+    def preempt(step, batch):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # the step in flight finishes, is saved, returns
+        return batch
+
+    cfg = _short(pretrained, tasks, tmp_path / "cut")
+    cut = finetune(cfg, log=lambda _: None, mesh=_one_device(), batch_hook=preempt)
+    assert cut.interrupted and cut.steps == 2
+    resumed = finetune(cfg, log=lambda _: None, mesh=_one_device())
+    assert resumed.steps == 6 and not resumed.interrupted
+    for a, b in zip(jax.tree.leaves(whole.state), jax.tree.leaves(resumed.state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert [h["step"] for h in resumed.history] == [3, 6] and resumed.best == whole.best
+
+
+def test_finetune_skips_a_non_finite_step(pretrained, tasks, tmp_path):
+    def poison(step, batch):
+        if step == 1:
+            batch = {**batch, "tokens": batch["tokens"].copy()}
+            batch["tokens"][0, 0, 0] = 10**6  # gathers NaN from the embedding (as corrupt data would)
+        return batch
+
+    cfg = _short(pretrained, tasks, tmp_path / "ft", max_steps=3, eval_every=3)
+    result = finetune(cfg, log=lambda _: None, mesh=_one_device(), batch_hook=poison)
+    rows = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["skipped"], r["skipped_total"]) for r in rows if "skipped" in r] == [(0, 1)]  # step 3
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(result.state.params))
+    assert np.isfinite(result.best["val_loss"])
+
+
+def _one_device():
+    return make_mesh(MeshConfig(), jax.devices()[:1])

@@ -24,7 +24,7 @@ from gptjax.launch import GRACE_SECONDS
 
 train_lib = importlib.import_module("gptjax.train")
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.multidevice]
 
 
 def _overrides(corpus, *extra):

@@ -210,6 +210,7 @@ def test_stop_tokens_end_rows():
     assert generate(model, PROMPTS, max_new_tokens=12, params=greedy, eot_id=stop).tokens == out.tokens
 
 
+@pytest.mark.multidevice
 @pytest.mark.slow
 def test_sharded_params_give_the_same_samples():
     model = make_model()

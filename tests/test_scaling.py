@@ -139,6 +139,7 @@ def _assert_png(path: Path):
     assert image.std() > 0.01  # not a blank canvas
 
 
+@pytest.mark.multidevice
 @pytest.mark.slow
 def test_real_sweep_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("GPTJAX_CACHE_DIR", str(tmp_path / "cache"))

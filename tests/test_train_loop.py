@@ -73,6 +73,7 @@ def test_exact_resume_is_bitwise(corpus, tmp_path, capsys):
     assert len(_losses(tmp_path / "resumed")) == 10
 
 
+@pytest.mark.multidevice
 def test_resume_onto_a_different_mesh(corpus, tmp_path):
     eight = sharding.make_mesh(MeshConfig(data=4, fsdp=2))
     four = sharding.make_mesh(MeshConfig(data=2, fsdp=2), devices=jax.devices()[:4])

@@ -60,6 +60,7 @@ MESHES = {
 }
 
 
+@pytest.mark.multidevice
 @pytest.mark.parametrize("name", list(MESHES))
 def test_sharded_losses_equal_single_device(name, single_device_losses):
     mesh = sharding.make_mesh(MESHES[name])
@@ -78,6 +79,7 @@ def test_sharded_losses_equal_single_device(name, single_device_losses):
     assert mu["h"]["mlp"]["c_fc"].get_value().sharding.spec == P(None, fsdp, tensor)
 
 
+@pytest.mark.multidevice
 def test_accumulation_equals_big_batch():
     """4 micro-batches of 2 give the loss and gradients (hence the update) of one batch of 8.
 
@@ -93,13 +95,15 @@ def test_accumulation_equals_big_batch():
         setup = train_lib.build(config, mesh)
         params = setup.init().params
         grad_fn = jax.jit(train_lib.make_grad_fn(setup.graphdef, config))
-        results.append(grad_fn(params, batch, jax.random.key(0)))
+        (loss, _), (grads, _) = grad_fn((params, ()), batch, jax.random.key(0))  # (params, head)
+        results.append((loss, grads))
     (loss_big, grads_big), (loss_acc, grads_acc) = results
     assert abs(float(loss_big) - float(loss_acc)) <= 1e-6
     for a, b in zip(jax.tree.leaves(grads_big), jax.tree.leaves(grads_acc), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
 
 
+@pytest.mark.multidevice
 def test_accumulated_train_step_updates_like_big_batch():
     mesh = sharding.make_mesh(MeshConfig(data=2), devices=jax.devices()[:2])
     batches = _batches(3)
@@ -154,6 +158,7 @@ def test_weight_decay_mask_covers_exactly_the_matrices():
     assert sum(jax.tree.leaves(with_embeddings)) == len(decayed) + 2  # + wte, wpe
 
 
+@pytest.mark.multidevice
 @pytest.mark.parametrize(
     ("overrides", "mesh", "message"),
     [
@@ -166,6 +171,7 @@ def test_bad_mesh_inputs(overrides, mesh, message):
         train_lib.build(_config(*overrides), sharding.make_mesh(mesh))
 
 
+@pytest.mark.multidevice
 def test_mesh_product_must_match_device_count():
     with pytest.raises(GptjaxError, match="= 6 but there are 8 devices"):
         sharding.make_mesh(MeshConfig(data=3, fsdp=2, tensor=1))

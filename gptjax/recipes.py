@@ -1,0 +1,210 @@
+"""Recipes: the presets, loading a config (preset name or ``.py`` file), and dotted
+command-line overrides (``section.field=value``), type-checked against the dataclasses.
+
+:mod:`gptjax.config` re-exports every name here, so ``gptjax.config.load_config`` and
+``gptjax.config.MODEL_PRESETS`` keep working.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from gptjax.config import (
+    _SECTIONS,
+    Config,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    SampleConfig,
+    TrainConfig,
+)
+from gptjax.errors import GptjaxError
+
+# --------------------------------------------------------------------------------------
+# Presets
+
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    # Radford et al. 2018: 12 x 768, 12 heads, 512 context, 40,478 BPE tokens, exact GELU.
+    "gpt1": ModelConfig(
+        vocab_size=40478,
+        block_size=512,
+        activation="gelu",
+        embd_dropout=0.1,
+        attn_dropout=0.1,
+        resid_dropout=0.1,
+    ),
+    # Radford et al. 2019 (the released GPT-2 checkpoints' hyperparameters).
+    "gpt2": ModelConfig(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": ModelConfig(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": ModelConfig(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": ModelConfig(n_layer=48, n_head=25, n_embd=1600),
+    # CPU-sized models for tests, demos and sweeps (byte vocabulary: 256 + end-of-text).
+    "nano": ModelConfig(vocab_size=257, block_size=64, n_layer=2, n_head=2, n_embd=32),
+    "micro": ModelConfig(vocab_size=257, block_size=128, n_layer=4, n_head=4, n_embd=128),
+    "mini": ModelConfig(vocab_size=257, block_size=256, n_layer=6, n_head=6, n_embd=192),
+}
+
+
+def quickstart() -> Config:
+    """The default of ``gptjax train``: a small byte-level model on the stdlib corpus.
+
+    About 0.8M parameters (4 layers x 128); 800 steps of 16 x 128 bytes, then samples that
+    look like Python. The README gives the measured time and loss.
+    """
+    return Config(
+        name="quickstart",
+        model=MODEL_PRESETS["micro"],
+        data=DataConfig(source="stdlib", tokenizer="bytes"),
+        optim=OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=50, weight_decay=0.1),
+        train=TrainConfig(
+            steps=800,
+            batch_size=16,
+            log_every=50,
+            eval_every=400,
+            eval_max_batches=20,
+            checkpoint_every=400,
+        ),
+        sample=SampleConfig(prompt="def ", num_samples=2, max_new_tokens=160, temperature=0.7),
+    )
+
+
+def gpt1() -> Config:
+    """GPT-1's pretraining recipe (Radford et al. 2018, section 4.1): dropout 0.1, Adam
+    (beta2 0.999) at 2.5e-4 warmed up over 2000 updates and cosine-annealed to 0, weight
+    decay 0.01, minibatches of 64 x 512 tokens. The paper gives 100 epochs of BooksCorpus,
+    not an update count: set ``train.steps`` for your data. GPT-1's 40k BPE is not a
+    tiktoken encoding, so the tokenizer is bytes until you bring token files.
+    """
+    return Config(
+        name="gpt1",
+        model=MODEL_PRESETS["gpt1"],
+        data=DataConfig(tokenizer="bytes"),
+        optim=OptimConfig(lr=2.5e-4, min_lr=0.0, warmup_steps=2000, beta2=0.999, weight_decay=0.01),
+        train=TrainConfig(steps=100_000, batch_size=64),
+    )
+
+
+RUN_PRESETS = {"quickstart": quickstart, "gpt1": gpt1}
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Resolve a preset name or config file, then apply ``section.field=value`` overrides.
+
+    ``name_or_path`` may be a run preset (``quickstart``), a model preset (``gpt2``: the
+    model with every other section at its default), or a ``.py`` file defining
+    ``get_config() -> Config``. ``None`` means ``quickstart``.
+    """
+    name_or_path = name_or_path or "quickstart"
+    if name_or_path in RUN_PRESETS:
+        config = RUN_PRESETS[name_or_path]()
+    elif name_or_path in MODEL_PRESETS:
+        config = _with_model_preset(name_or_path)
+    elif name_or_path.endswith(".py") or Path(name_or_path).exists():
+        config = _from_file(Path(name_or_path))
+    else:
+        choices = ", ".join([*RUN_PRESETS, *MODEL_PRESETS])
+        raise GptjaxError(f"unknown config {name_or_path!r}: give a preset ({choices}) or a .py config file")
+    return apply_overrides(config, overrides)
+
+
+def _with_model_preset(name: str) -> Config:
+    model = MODEL_PRESETS[name]
+    # GPT-1's 40k BPE is not a tiktoken encoding: it gets bytes until you bring token files.
+    tokenizer = "gpt2" if model.vocab_size >= 50257 else "bytes"
+    return Config(name=name, model=model, data=DataConfig(tokenizer=tokenizer))
+
+
+def load_recipe(path: str | Path, function: str, expected: type, what: str) -> Any:
+    """Import a user's Python file and return ``function()``, checked to be an ``expected``.
+
+    Config, sweep and fine-tune files all load here, so a missing file, a file that fails
+    to import, or a wrong return type gives the same kind of one-line error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise GptjaxError(f"{what} {str(path)!r} does not exist: give a .py file defining {function}()")
+    spec = importlib.util.spec_from_file_location(f"gptjax_recipe_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        result = getattr(module, function)() if hasattr(module, function) else None
+    except GptjaxError:
+        raise
+    except Exception as e:  # A user's file failed to import: say which and why.
+        raise GptjaxError(f"{what} {str(path)!r} failed to load: {type(e).__name__}: {e}") from e
+    if result is None:
+        raise GptjaxError(f"{what} {str(path)!r} must define {function}() returning a {expected.__name__}")
+    if not isinstance(result, expected):
+        raise GptjaxError(
+            f"{function}() in {str(path)!r} returned {type(result).__name__}, "
+            f"not a gptjax {expected.__name__}"
+        )
+    return result
+
+
+def _from_file(path: Path) -> Config:
+    return load_recipe(path, "get_config", Config, "config file")
+
+
+def apply_overrides(config: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """Apply ``section.field=value`` strings; unknown keys and bad types are rejected."""
+    changes: dict[str, dict[str, Any]] = {}
+    name = config.name
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip().removeprefix("--")
+        if not sep:
+            raise GptjaxError(f"override {item!r} must look like section.field=value")
+        if key == "name":
+            name = raw
+            continue
+        section, dot, field_name = key.partition(".")
+        if not dot or section not in _SECTIONS:
+            raise GptjaxError(
+                f"unknown config key {key!r}: expected section.field with section one of {sorted(_SECTIONS)}"
+            )
+        hints = typing.get_type_hints(_SECTIONS[section])
+        if field_name not in hints:
+            known = ", ".join(f.name for f in dataclasses.fields(_SECTIONS[section]))
+            raise GptjaxError(f"unknown config key {key!r}; {section} has: {known}")
+        changes.setdefault(section, {})[field_name] = _parse_value(key, raw, hints[field_name])
+    new_sections = {s: dataclasses.replace(getattr(config, s), **kw) for s, kw in changes.items()}
+    return dataclasses.replace(config, name=name, **new_sections)
+
+
+def _parse_value(key: str, raw: str, annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if raw not in choices:
+            raise GptjaxError(f"{key}={raw!r} is not one of {list(choices)}")
+        return raw
+    if origin in (typing.Union, types.UnionType):
+        raise GptjaxError(f"{key} cannot be set from the command line")  # no such fields yet
+    if annotation is bool:
+        lowered = raw.lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise GptjaxError(f"{key}={raw!r} is not a boolean (true/false)")
+    if annotation is int:
+        try:
+            return int(raw.replace("_", ""))
+        except ValueError:
+            raise GptjaxError(f"{key}={raw!r} is not an integer") from None
+    if annotation is float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise GptjaxError(f"{key}={raw!r} is not a number") from None
+        if not math.isfinite(value):
+            raise GptjaxError(f"{key}={raw!r} must be finite")
+        return value
+    return raw
