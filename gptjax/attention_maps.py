@@ -109,7 +109,10 @@ def attention_maps(
 ) -> AttentionMaps:
     """Load a run, compute layer ``layer``'s attention for ``prompt`` and (if ``out``) plot it."""
     from gptjax.runs import load
+    from gptjax.validate import image_path
 
+    if out is not None:
+        out = image_path(out)
     model, _, tokenizer = load(run_dir)
     tokens = tokenizer.encode(prompt)
     if not tokens:

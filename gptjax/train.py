@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 
 from gptjax import data as data_lib
-from gptjax import sharding
+from gptjax import sharding, validate
 from gptjax.checkpoint import Checkpointer
 from gptjax.config import Config, OptimConfig, flops_per_token
 from gptjax.errors import GptjaxError
@@ -32,7 +32,7 @@ from gptjax.host import keep_freed_memory
 from gptjax.metrics import MetricsLogger, StepTimer, peak_flops, peak_memory
 from gptjax.model import GPT
 from gptjax.preemption import StopRequest
-from gptjax.runs import check_compatible, load_params, prepare_run_dir, read_config
+from gptjax.runs import RunLock, check_compatible, check_same_data, load_params, prepare_run_dir, read_config
 
 # Parameters that weight decay applies to: the weight matrices. Embeddings join them when
 # ``optim.decay_embeddings`` is set; biases and LayerNorm parameters never do.
@@ -164,8 +164,8 @@ def make_grad_fn(graphdef: nnx.GraphDef, config: Config):
 def make_train_step(graphdef: nnx.GraphDef, optimizer, config: Config):
     """``(state, batch (B, T+1)) -> (state, metrics)``.
 
-    A non-finite loss or gradient skips the update: parameters and optimizer state stay
-    as they were, the step still advances (it indexes the data and the schedule), and
+    A non-finite loss, gradient or updated parameter norm skips the update: parameters
+    and optimizer state stay as they were, the step still advances (it indexes the data and the schedule), and
     ``metrics["skipped"]`` is 1.
     """
     grad_fn = make_grad_fn(graphdef, config)
@@ -178,6 +178,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer, config: Config):
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        finite &= jnp.isfinite(optax.tree.norm(params))  # an update can blow up finite gradients
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "skipped": 1 - finite}
         new_state = TrainState(
@@ -323,17 +324,25 @@ def train(
     sharding.initialize_distributed()
     is_main = jax.process_index() == 0
     run_dir = prepare_run_dir(config)
-    dataset = data_lib.load_dataset(
-        config.data, seq_len=config.model.block_size, vocab_size=config.model.vocab_size
-    )
-    setup = build(config, mesh)
-    ckpt = Checkpointer(run_dir / "checkpoints", keep=config.train.keep_checkpoints)
-    logger = MetricsLogger(run_dir, enabled=is_main, total_steps=config.train.steps)
-    try:
-        return _run(config, run_dir, dataset, setup, ckpt, logger, stop_at, batch_hook)
-    finally:
-        ckpt.close()
-        logger.close()
+    # SIGTERM from here on (compile, loop, final evaluation and save, samples) saves and exits.
+    with RunLock(run_dir, enabled=is_main), StopRequest() as stop:
+        dataset = data_lib.load_dataset(
+            config.data, seq_len=config.model.block_size, vocab_size=config.model.vocab_size
+        )
+        validate.attention_kernel(config.model.attention)
+        validate.train_batch(
+            config.train.batch_size, config.model.block_size, len(dataset.train), config.data.source
+        )
+        setup = build(config, mesh)
+        ckpt = Checkpointer(run_dir / "checkpoints", keep=config.train.keep_checkpoints)
+        logger = MetricsLogger(run_dir, enabled=is_main, total_steps=config.train.steps)
+        try:
+            return _run(config, run_dir, dataset, setup, ckpt, logger, stop_at, batch_hook, stop)
+        finally:
+            try:
+                ckpt.close()
+            finally:
+                logger.close()
 
 
 def _restore_or_init(config: Config, setup: Setup, ckpt: Checkpointer, logger: MetricsLogger) -> TrainState:
@@ -352,6 +361,7 @@ def _restore_or_init(config: Config, setup: Setup, ckpt: Checkpointer, logger: M
         try:
             meta = ckpt.read_meta(step)
             check_compatible(meta, config, step, ckpt.directory)
+            check_same_data(meta, config, step, ckpt.directory)
             state = ckpt.restore(step, setup.abstract_state)
         except GptjaxError:
             raise
@@ -363,11 +373,13 @@ def _restore_or_init(config: Config, setup: Setup, ckpt: Checkpointer, logger: M
             )
             continue
         logger.print(f"gptjax: resuming {ckpt.directory.parent} from step {step}")
-        logger.truncate(step)  # rows after the checkpoint are logged again as they are redone
+        # Rows after the checkpoint are logged again as they are redone (a finished run's
+        # final evaluation too).
+        logger.truncate(step, redo_eval=step >= config.train.steps)
         return state
-    if steps:
+    if steps or ckpt.set_aside_steps():
         raise GptjaxError(
-            f"no checkpoint in {ckpt.directory} is readable (steps {steps}): "
+            f"no checkpoint in {ckpt.directory} is readable (steps {steps or ckpt.set_aside_steps()}): "
             "move the directory away to start over"
         )
     state = setup.init()
@@ -380,7 +392,7 @@ def _restore_or_init(config: Config, setup: Setup, ckpt: Checkpointer, logger: M
     return state
 
 
-def _run(config, run_dir, dataset, setup, ckpt, logger, stop_at, batch_hook) -> TrainResult:
+def _run(config, run_dir, dataset, setup, ckpt, logger, stop_at, batch_hook, stop) -> TrainResult:
     tc = config.train
     meta = {"config": config.to_dict(), "tokenizer": dataset.tokenizer.name}
     state = _restore_or_init(config, setup, ckpt, logger)
@@ -404,8 +416,10 @@ def _run(config, run_dir, dataset, setup, ckpt, logger, stop_at, batch_hook) -> 
     n_devices = setup.mesh.devices.size
     start = int(state.step)
     metrics: dict[str, float] = {}
-    interrupted = False
-    if start < tc.steps:  # a finished run only evaluates
+    interrupted = stop_at is not None and start >= stop_at < tc.steps
+    if interrupted:  # a retried slice job: its slice is done
+        logger.print(f"gptjax: step {start} already reached --stop-at {stop_at}; nothing to do")
+    elif start < tc.steps:  # a finished run only evaluates
         logger.print(f"gptjax: MFU against {peak / 1e12:.3g} TFLOP/s per device, {peak_source}")
         t_compile = time.perf_counter()
         compiled = setup.train_step.lower(
@@ -418,7 +432,7 @@ def _run(config, run_dir, dataset, setup, ckpt, logger, stop_at, batch_hook) -> 
         bad_run = skipped_total = 0
         pending = None  # the previous step's metrics: read one step late to keep a step in flight
         stream = batches.prefetch(start, tc.steps, config.data.prefetch)
-        with StopRequest() as stop:
+        with stop:  # held since train() started; entering again changes nothing
             for step, local in timer.wait(stream):
                 if batch_hook is not None:
                     local = batch_hook(step, local)
@@ -473,7 +487,7 @@ def _run(config, run_dir, dataset, setup, ckpt, logger, stop_at, batch_hook) -> 
     ckpt.wait()
     samples = (
         []
-        if interrupted or not config.sample.num_samples
+        if interrupted or stop.requested or not config.sample.num_samples
         else _samples(config, setup, state.params, dataset.tokenizer, logger)
     )
     if jax.process_index() == 0:
