@@ -66,19 +66,22 @@ def from_nested(template: Any, nested: dict) -> Any:
 def _fingerprint(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """A uint32 checksum of an array's bits, and whether all its values are finite.
 
-    The sum of ``bits[i] * (2 i + 1)`` wraps modulo 2**32; integer addition is associative,
-    so the value does not depend on how the array is sharded or how XLA orders the sum.
+    The sum of ``bits[i] * (2 i + 1)`` (``i`` the flat index) wraps modulo 2**32; integer
+    addition is associative, so the value does not depend on how the array is sharded or
+    how XLA orders the sum. No reshape: a sharded array is never gathered to compute it.
     """
-    bits = x.reshape(-1)
-    if bits.dtype.itemsize == 8:
-        bits = jax.lax.bitcast_convert_type(bits, jnp.uint32).reshape(-1)
-    elif jnp.issubdtype(bits.dtype, jnp.floating):
-        unsigned = {4: jnp.uint32, 2: jnp.uint16, 1: jnp.uint8}[bits.dtype.itemsize]
-        bits = jax.lax.bitcast_convert_type(bits, unsigned)
+    bits = x
+    if jnp.issubdtype(x.dtype, jnp.floating) or x.dtype.itemsize == 8:
+        unsigned = {8: jnp.uint32, 4: jnp.uint32, 2: jnp.uint16, 1: jnp.uint8}[x.dtype.itemsize]
+        bits = jax.lax.bitcast_convert_type(x, unsigned)  # 8-byte values: a trailing axis of 2
     bits = bits.astype(jnp.uint32)
-    weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
+    index = jnp.zeros(bits.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(bits.ndim)):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(stride % 2**32)
+        stride *= bits.shape[axis]
     finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
-    return jnp.sum(bits * weights, dtype=jnp.uint32), finite
+    return jnp.sum(bits * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32), finite
 
 
 @jax.jit

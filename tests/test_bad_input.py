@@ -244,13 +244,19 @@ keys = st.sampled_from(["model.n_layer", "model.n_head", "model.attention", "mod
                         "data.tokenizer", "data.cache_dir", "sample.temperature", "sample.top_p",
                         "sample.prompt", "mesh.data"])  # fmt: skip
 overrides = st.lists(st.builds(lambda k, v: f"{k}={v}", keys, values), max_size=3)
-# Commands that load the trained run, with option names and value strategies.
+small_ints = st.one_of(st.integers(-3, 40).map(str), st.sampled_from(["10**3", "1.5", "", "x"]))
+floats = st.one_of(st.floats().map(repr), st.sampled_from(["nan", "-inf", "1e400", "", "x"]))
+# Commands that load the trained run: their options and values (sizes kept small enough
+# that an accepted value finishes in seconds).
 OPTIONS = {
-    "sample": ["--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--min-p", "--seed",
-               "--num-samples"],
-    "eval": ["--batch-size", "--max-batches", "--shots", "--seed", "--split", "--data"],
-    "attention": ["--prompt", "--layer", "--out"],
-    "fit": ["--budget", "--bootstrap"],
+    "sample": {"--prompt": texts, "--max-new-tokens": small_ints, "--temperature": floats,
+               "--top-k": small_ints, "--top-p": floats, "--min-p": floats, "--seed": numbers,
+               "--num-samples": small_ints},
+    "eval": {"--batch-size": small_ints, "--max-batches": small_ints, "--shots": small_ints,
+             "--seed": numbers, "--split": st.sampled_from(["val", "train", "all", "test"]), "--data": texts},
+    "attention": {"--prompt": texts, "--layer": small_ints,
+                  "--out": st.sampled_from(["a.png", "a", "a.PDF", "."])},
+    "fit": {"--budget": floats, "--bootstrap": small_ints},
 }  # fmt: skip
 
 
@@ -267,8 +273,8 @@ def command_lines(draw):
     argv = [command, target]
     if command == "attention":
         argv += ["--prompt", draw(texts)]
-    for option in draw(st.lists(st.sampled_from(OPTIONS[command]), max_size=3, unique=True)):
-        argv += [option, draw(st.one_of(numbers, texts))]
+    for option in draw(st.lists(st.sampled_from(sorted(OPTIONS[command])), max_size=3, unique=True)):
+        argv += [option, draw(OPTIONS[command][option])]
     if command == "sample" and "--max-new-tokens" not in argv:
         argv += ["--max-new-tokens", "2"]
     return argv

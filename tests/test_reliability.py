@@ -229,6 +229,7 @@ def _driver_env(tmp_path):
 DRIVER = REPO / "tests" / "fault_driver.py"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phase", ["compile", "final_eval"])
 def test_6_sigterm_outside_the_loop_saves_and_exits_0(corpus, tmp_path, phase):
     run_dir = tmp_path / "run"
@@ -301,12 +302,12 @@ def test_9_stop_at_a_step_already_reached_does_nothing(corpus, tmp_path, capsys)
 # 10, 11 -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad_id", [-1, 256])
+@pytest.mark.parametrize("bad_id", [-1, 257])
 def test_10_token_ids_outside_the_vocabulary_are_refused_at_prepare(tmp_path, monkeypatch, bad_id):
     monkeypatch.setenv("GPTJAX_CACHE_DIR", str(tmp_path / "cache"))
     path = tmp_path / "tokens.npy"
     np.save(path, np.array([1, 2, bad_id, 3] * 100, np.int64))
-    with pytest.raises(GptjaxError, match=f"token id {bad_id}, outside \\[0, 256\\)"):
+    with pytest.raises(GptjaxError, match=f"token id {bad_id}, outside \\[0, 257\\)"):
         prepare(load_config("nano", [f"data.source={path}"]).data)
 
 
