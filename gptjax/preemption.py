@@ -2,7 +2,8 @@
 
 The handler is installed when ``train`` starts and removed when it returns, so a signal
 during start-up or compilation stops the run after its first step, and one during the
-final evaluation, save or samples lets the save finish and skips the samples.
+final evaluation, save or samples lets the save finish and skips the samples. A second
+SIGINT (Ctrl-C twice) raises ``KeyboardInterrupt`` at once.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
         self.requested = True
 
     def at(self, step: int) -> bool:
