@@ -165,8 +165,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer, config: Config):
     """``(state, batch (B, T+1)) -> (state, metrics)``.
 
     A non-finite loss, gradient or updated parameter norm skips the update: parameters
-    and optimizer state stay as they were, the step still advances (it indexes the data and the schedule), and
-    ``metrics["skipped"]`` is 1.
+    and optimizer state stay as they were, the step still advances (it indexes the data
+    and the schedule), and ``metrics["skipped"]`` is 1.
     """
     grad_fn = make_grad_fn(graphdef, config)
     schedule = lr_schedule(config.optim, config.train.steps)
@@ -442,9 +442,9 @@ def _run(config, run_dir, dataset, setup, ckpt, logger, stop_at, batch_hook, sto
                     bad_run, skipped_total = (bad_run + 1 if bad else 0), skipped_total + bad
                     if bad_run > tc.max_bad_steps:
                         raise GptjaxError(
-                            f"{bad_run} consecutive steps (up to step {step - 1}) had a non-finite loss "
-                            "or gradient and were skipped; stopped, keeping the last checkpoint. Lower "
-                            "optim.lr, check the data, or raise train.max_bad_steps"
+                            f"{bad_run} consecutive steps (up to step {step - 1}) had a non-finite loss, "
+                            "gradient or update and were skipped; stopped, keeping the last checkpoint. "
+                            "Lower optim.lr, check the data, or raise train.max_bad_steps"
                         )
                 pending = step_metrics
                 done = step + 1
