@@ -70,6 +70,8 @@ def token_labels(tokenizer, tokens: list[int]) -> list[str]:
     for token in tokens:
         text = tokenizer.decode([token])
         text = text.replace(" ", "␣").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+        # Other control characters have no glyph (matplotlib fails on them): show their code.
+        text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
         labels.append(text if text else f"<{token}>")
     return labels
 
@@ -91,8 +93,9 @@ def plot_attention(probs: np.ndarray, labels: list[str], out: str | Path, title:
             continue
         image = ax.imshow(probs[head], cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
         ax.set_title(f"head {head}", fontsize=9)
-        ax.set_xticks(range(t), labels, rotation=90, fontsize=fontsize, fontfamily="monospace")
-        ax.set_yticks(range(t), labels, fontsize=fontsize, fontfamily="monospace")
+        style = dict(fontsize=fontsize, fontfamily="monospace", parse_math=False)  # "$" is a token
+        ax.set_xticks(range(t), labels, rotation=90, **style)
+        ax.set_yticks(range(t), labels, **style)
         ax.set_xlabel("key", fontsize=8)
         ax.set_ylabel("query", fontsize=8)
     fig.colorbar(image, ax=list(axes[:n]), shrink=0.6, label="attention probability")
@@ -109,7 +112,10 @@ def attention_maps(
 ) -> AttentionMaps:
     """Load a run, compute layer ``layer``'s attention for ``prompt`` and (if ``out``) plot it."""
     from gptjax.runs import load
+    from gptjax.validate import image_path
 
+    if out is not None:
+        out = image_path(out)
     model, _, tokenizer = load(run_dir)
     tokens = tokenizer.encode(prompt)
     if not tokens:

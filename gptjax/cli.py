@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -283,6 +284,13 @@ def _cmd_attention(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------
 
 
+def _describe_os_error(e: OSError | UnicodeError) -> str:
+    if isinstance(e, UnicodeError):
+        return f"text that is not valid UTF-8 ({e}): give UTF-8 text"
+    where = " ".join(repr(str(f)) for f in (e.filename, e.filename2) if f)
+    return f"{e.strerror or e}{': ' + where if where else ''}: check the path, its permissions and free space"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with usage errors as one line on stderr (exit 2), like every other user error."""
 
@@ -421,12 +429,19 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [args.config, *args.overrides]
         args.config = None
     keep_freed_memory()  # before JAX starts: XLA:CPU steps then run without page faults
+    if not args.debug:  # orbax's warnings and logged tracebacks would bury the one-line error
+        logging.getLogger("absl").setLevel(logging.CRITICAL)
     try:
         return args.func(args)
     except GptjaxError as e:
         if args.debug:
             raise
         print(f"gptjax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, UnicodeError) as e:  # a file the user named cannot be read or written
+        if args.debug:
+            raise
+        print(f"gptjax {args.command}: error: {_describe_os_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"gptjax {args.command}: interrupted", file=sys.stderr)

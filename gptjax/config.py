@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -37,7 +38,23 @@ def _positive(obj: Any, *names: str) -> None:
 def _choices(obj: Any) -> None:
     # Literal fields are checked here, not only by the override parser: a config file
     # that builds ModelConfig(position="alibi") must fail, not train a model without positions.
+    # So are the types of int and float fields (n_layer=2.5, lr=inf from a file).
     for name, annotation in typing.get_type_hints(type(obj)).items():
+        value = getattr(obj, name)
+        if annotation in (int, float):
+            what = "an integer" if annotation is int else "a finite number"
+            ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            if annotation is float:
+                ok = (
+                    ok or isinstance(value, numbers.Real) and not isinstance(value, bool)
+                ) and math.isfinite(value)
+            _check(ok, f"{name} ({value!r}) must be {what}")
+        if annotation is str:  # a lone surrogate (invalid UTF-8 on the command line) encodes nowhere
+            _check(isinstance(value, str), f"{name} ({value!r}) must be a string")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise GptjaxError(f"{name} ({value!r}) is not valid UTF-8 text") from None
         if typing.get_origin(annotation) is Literal:
             value, choices = getattr(obj, name), typing.get_args(annotation)
             _check(value in choices, f"{name} ({value!r}) must be one of {list(choices)}")
@@ -147,6 +164,7 @@ class DataConfig:
     prefetch: int = 2
 
     def __post_init__(self) -> None:
+        _choices(self)
         _check(bool(self.source), "data.source must not be empty")
         _check(0.0 <= self.val_fraction < 1.0, f"val_fraction ({self.val_fraction}) must be in [0, 1)")
         _check(self.prefetch >= 0, f"prefetch ({self.prefetch}) must be >= 0")
@@ -215,6 +233,7 @@ class MeshConfig:
     tensor: int = 1
 
     def __post_init__(self) -> None:
+        _choices(self)
         sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
         for name, value in sizes.items():
             _check(value == -1 or value >= 1, f"mesh.{name} ({value}) must be >= 1 or -1")
@@ -261,12 +280,14 @@ class TrainConfig:
     max_bad_steps: int = 10
 
     def __post_init__(self) -> None:
+        _choices(self)
         _positive(self, "steps", "batch_size", "log_every", "keep_checkpoints")
         for name in ("eval_every", "eval_max_batches", "checkpoint_every", "sample_every"):
             value = getattr(self, name)
             _check(value >= 0, f"{name} ({value}) must be >= 0")
         _check(self.peak_flops >= 0, f"peak_flops ({self.peak_flops}) must be >= 0")
         _check(self.max_bad_steps >= 0, f"max_bad_steps ({self.max_bad_steps}) must be >= 0")
+        _check(-(2**63) <= self.seed < 2**63, f"seed ({self.seed}) must fit in 64 bits")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -321,6 +342,7 @@ class SampleConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _choices(self)
         _positive(self, "max_new_tokens")
         _check(self.num_samples >= 0, f"num_samples ({self.num_samples}) must be >= 0")
         self.sampling_params  # noqa: B018  (the knobs validate once, as SamplingParams)
@@ -346,6 +368,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     def __post_init__(self) -> None:
+        _choices(self)
         from gptjax.tokenizer import known_vocab_size
 
         tok_vocab = known_vocab_size(self.data.tokenizer)

@@ -53,6 +53,7 @@ from typing import Any
 
 import numpy as np
 
+from gptjax import validate
 from gptjax.config import DataConfig
 from gptjax.errors import GptjaxError
 from gptjax.tokenizer import Tokenizer, get_tokenizer
@@ -376,6 +377,7 @@ def _copy_tokens(writers: dict[str, _SplitWriter], path: Path, tokenizer: Tokeni
             )
         for start in range(0, len(tokens), 1 << 24):
             block = np.asarray(tokens[start : start + (1 << 24)])
+            validate.token_ids(block, tokenizer.vocab_size, source)
             content.update(block.tobytes())
             writers[split].write(block, int((block == tokenizer.eot_id).sum()), _text_bytes(tokenizer, block))
         largest = writers[split].stats["max_token_id"]
@@ -506,15 +508,22 @@ def _open_store(cfg: DataConfig) -> tuple[Path, dict[str, Any], Tokenizer, bool]
     final = cache_dir(cfg) / name
     if (final / "meta.json").is_file():
         return final, json.loads((final / "meta.json").read_text()), tokenizer, False
-    final.parent.mkdir(parents=True, exist_ok=True)
     temporary = final.parent / f".tmp-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    temporary.mkdir()
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        validate.remove_dead_temporaries(final.parent, f".tmp-{name}-")
+        temporary.mkdir()
+    except OSError as e:
+        raise validate.cache_error(final.parent, e) from e
     try:
         start = time.perf_counter()
         meta = _build(cfg, tokenizer, temporary, build)
         meta["build_seconds"] = round(time.perf_counter() - start, 3)
         (temporary / "meta.json").write_text(json.dumps(meta, indent=2))  # Last: marks it complete.
         built = _publish(temporary, final)
+    except OSError as e:  # a full, read-only or vanished cache directory
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise validate.cache_error(final.parent, e) from e
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise

@@ -116,6 +116,10 @@ def read_multiple_choice(path: str | Path) -> list[dict[str, Any]]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise GptjaxError(f"{where} is not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise GptjaxError(
+                f"{where} is a JSON {type(record).__name__}: rows are {{context, choices, label}}"
+            )
         missing = [k for k in ("context", "choices", "label") if k not in record]
         if missing:
             raise GptjaxError(f"{where} has no {missing[0]!r} field: rows are {{context, choices, label}}")
@@ -259,7 +263,9 @@ def evaluate_run(
     """What ``gptjax eval`` prints: LM metrics (on ``data``, default the run's own source,
     when no task is given or ``data`` is set) and multiple-choice scores for ``task``."""
     from gptjax.runs import load
+    from gptjax.validate import at_least
 
+    at_least(batch_size=(batch_size, 1), shots=(shots, 0), max_batches=(max_batches, 0))
     model, config, tokenizer = load(run_dir)
     result: dict[str, Any] = {"run_dir": str(run_dir)}
     if data or not task:

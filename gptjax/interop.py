@@ -33,6 +33,7 @@ from gptjax.config import Config, DataConfig, ModelConfig, OptimConfig, TrainCon
 from gptjax.errors import GptjaxError
 from gptjax.model import GPT
 from gptjax.model import abstract as abstract_gpt
+from gptjax.tokenizer import get_tokenizer
 from gptjax.tree import param_names
 
 
@@ -209,7 +210,13 @@ def to_hf(model: GPT, path: str | Path, *, eos_token_id: int | None = None) -> P
     from gptjax.runs import ensure_dir
 
     directory = ensure_dir(path)
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    if (directory / "checkpoints").exists() or (directory / "metrics.jsonl").exists():
+        raise GptjaxError(f"{str(directory)!r} holds a gptjax run; export into another directory")
+    for stale in directory.glob(".tmp-*"):  # left by an export that was killed
+        stale.unlink(missing_ok=True)
+    temporary = directory / f".tmp-{os.getpid()}-model.safetensors"
+    save_file(tensors, str(temporary), metadata={"format": "pt"})
+    os.replace(temporary, directory / "model.safetensors")  # never a half-written file in place
     hf_config = {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -239,6 +246,7 @@ def import_hf(source: str | Path, run_dir: str | Path, *, tokenizer: str = "gpt2
     """Convert a HF GPT-2 directory (or hub name) into a run that load/sample/init_from accept."""
     from gptjax.runs import write_params_run
 
+    get_tokenizer(tokenizer)  # an unknown name fails now, not when the run is first used
     config, params = from_hf(source, tokenizer=tokenizer)
     return write_params_run(run_dir, config, params, tokenizer=tokenizer)
 
@@ -291,6 +299,10 @@ def _model_config(hf: dict, directory: Path) -> ModelConfig:
     for flag, gpt2_value in _GPT2_FLAGS.items():
         if hf.get(flag, gpt2_value) != gpt2_value:
             raise GptjaxError(f"{directory}: {flag}={hf[flag]} is a GPT-2 variant gptjax does not implement")
+    for key in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd", "n_inner"):
+        value = hf.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise GptjaxError(f"{directory}: config.json's {key} ({value!r}) must be an integer")
     n_embd = hf.get("n_embd", 768)
     n_inner = hf.get("n_inner") or 4 * n_embd
     if n_inner % n_embd:
@@ -331,7 +343,12 @@ def _read_tensors(directory: Path) -> dict[str, np.ndarray | jax.Array]:
         return load_file(directory / "model.safetensors")
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, or no weight map
+            raise GptjaxError(
+                f"{index} is not a safetensors index ({type(e).__name__}: {e}): download it again"
+            ) from e
         return {k: v for shard in shards for k, v in load_file(directory / shard).items()}
     if (directory / "pytorch_model.bin").is_file():
         try:

@@ -3,9 +3,10 @@
 ``gptjax launch --processes 2 --devices-per-process 2 -- train CONFIG ...`` starts N
 ``gptjax`` processes on localhost, each with its own fake CPU devices, coordinated
 through ``jax.distributed`` (gloo collectives). It forwards SIGTERM/SIGINT to all of
-them, and if one dies the others are stopped too: SIGTERM at once, SIGKILL after
-``GRACE_SECONDS``, so the launcher returns within about ``GRACE_SECONDS + 1`` seconds of
-the first failure instead of hanging in a collective that will never complete.
+them; a launcher that is killed takes them with it (a parent-death signal); and if one
+dies the others are stopped too: SIGTERM at once, SIGKILL after ``GRACE_SECONDS``, so
+the launcher returns within about ``GRACE_SECONDS + 1`` seconds of the first failure
+instead of hanging in a collective that will never complete.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from gptjax.errors import GptjaxError
 
 GRACE_SECONDS = 5.0
 _POLL_SECONDS = 0.1
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 def _free_port() -> int:
@@ -53,7 +55,11 @@ def launch(args: Sequence[str], *, processes: int, devices_per_process: int = 1,
             "JAX_NUM_PROCESSES": str(processes),
             "JAX_PROCESS_ID": str(rank),
         }
-        children.append(subprocess.Popen([sys.executable, "-m", "gptjax.cli", *args], env=env))
+        children.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "gptjax.cli", *args], env=env, preexec_fn=_die_with_parent
+            )
+        )
 
     def forward(signum, frame):
         # SIGTERM for both: each process's JAX preemption service turns it into a stop at
@@ -79,6 +85,22 @@ def launch(args: Sequence[str], *, processes: int, devices_per_process: int = 1,
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _die_with_parent() -> None:
+    """In a child before exec: SIGKILL it when the launcher dies, however the launcher dies.
+
+    Without this a launcher killed with SIGKILL leaves its children training as orphans.
+    Linux only (``prctl(PR_SET_PDEATHSIG)``); elsewhere children outlive a killed launcher.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the launcher died before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _stop(children: list[subprocess.Popen]) -> None:

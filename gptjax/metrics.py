@@ -18,6 +18,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from gptjax.errors import GptjaxError
+
 # Dense peak FLOP/s per device (per chip for TPUs), from the vendors' data sheets.
 # fp32 on TPUs runs through the MXU's bf16 passes; the figure given is the bf16 peak / 3
 # (XLA's default "highest" fp32 precision uses 3 passes). GPU fp32 is the non-tensor-core rate.
@@ -93,24 +95,41 @@ class MetricsLogger:
             self._task = self._bar.add_task("train", total=total_steps, stats="")
             self._bar.start()
         if enabled:
-            self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
-            try:
-                from tensorboardX import SummaryWriter
+            with self._writing(run_dir):
+                self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
+                try:
+                    self._tb = _TensorBoard(run_dir / "tensorboard")
+                except ImportError:  # TensorBoard files are optional; metrics.jsonl is not
+                    self._tb = None
 
-                self._tb = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:  # TensorBoard files are optional; metrics.jsonl is not
-                self._tb = None
+    @contextmanager
+    def _writing(self, where: Path):
+        """A failed metrics write (full disk, lost permissions) is one clear error."""
+        try:
+            yield
+        except OSError as e:
+            raise GptjaxError(
+                f"writing metrics in {where} failed ({e.strerror or e}): free disk space or fix "
+                "permissions, then re-run (it resumes from the last checkpoint)"
+            ) from e
 
-    def truncate(self, step: int) -> None:
-        """Drop rows after ``step`` (a resumed run logs those steps again)."""
+    def truncate(self, step: int, *, redo_eval: bool = False) -> None:
+        """Drop rows after ``step`` (a resumed run logs those steps again), and with
+        ``redo_eval`` the evaluation rows at ``step``."""
         if not self.enabled:
             return
         path = Path(self._jsonl.name)
+        with self._writing(path.parent):
+            self._rewrite(path, step, redo_eval)
+
+    def _rewrite(self, path: Path, step: int, redo_eval: bool) -> None:
         self._jsonl.close()
         rows = []
         for line in path.read_text().splitlines():
             try:
-                if json.loads(line).get("step", 0) <= step:
+                row = json.loads(line)
+                at = row.get("step", 0)
+                if at < step or at == step and not (redo_eval and "val_loss" in row):
                     rows.append(line)
             except json.JSONDecodeError:  # the last line of a process killed mid-write
                 continue
@@ -124,11 +143,10 @@ class MetricsLogger:
         if not self.enabled:
             return
         row = {"step": step, **{k: _plain(v) for k, v in row.items()}}
-        self._jsonl.write(json.dumps(row) + "\n")
-        if self._tb is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, int | float):
-                    self._tb.add_scalar(key, value, step)
+        with self._writing(Path(self._jsonl.name).parent):
+            self._jsonl.write(json.dumps(row) + "\n")
+            if self._tb is not None:
+                self._tb.write(step, {k: v for k, v in row.items() if k != "step"})
 
     def print(self, message: str) -> None:
         if self.enabled:
@@ -158,10 +176,40 @@ class MetricsLogger:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
-        if self._jsonl is not None:
-            self._jsonl.close()
-        if self._tb is not None:
-            self._tb.close()
+        for writer in (self._jsonl, self._tb):
+            try:
+                if writer is not None:
+                    writer.close()
+            except OSError:  # already reported by the write that failed
+                pass
+
+
+class _TensorBoard:
+    """TensorBoard scalars, written synchronously.
+
+    tensorboardX's ``SummaryWriter`` writes from a thread behind a bounded queue; when that
+    thread dies (a full disk) every later ``add_scalar`` blocks forever. Writing here raises
+    the ``OSError`` in the training thread instead.
+    """
+
+    def __init__(self, directory: Path):
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
+        directory.mkdir(parents=True, exist_ok=True)
+        self._event, self._scalar = Event, scalar
+        self._writer = EventsWriter(str(directory / "events"))
+
+    def write(self, step: int, row: dict[str, Any]) -> None:
+        for key, value in row.items():
+            if isinstance(value, int | float):
+                event = self._event(summary=self._scalar(key, value), step=step, wall_time=time.time())
+                self._writer.write_event(event)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 def _plain(value: Any) -> Any:

@@ -129,6 +129,8 @@ def load_recipe(path: str | Path, function: str, expected: type, what: str) -> A
     path = Path(path)
     if not path.is_file():
         raise GptjaxError(f"{what} {str(path)!r} does not exist: give a .py file defining {function}()")
+    if path.suffix != ".py":
+        raise GptjaxError(f"{what} {str(path)!r} is not a .py file: give a .py file defining {function}()")
     spec = importlib.util.spec_from_file_location(f"gptjax_recipe_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     try:
@@ -136,6 +138,8 @@ def load_recipe(path: str | Path, function: str, expected: type, what: str) -> A
         result = getattr(module, function)() if hasattr(module, function) else None
     except GptjaxError:
         raise
+    except SystemExit as e:  # sys.exit() in a recipe must not end gptjax silently
+        raise GptjaxError(f"{what} {str(path)!r} called sys.exit({e.code!r}) while loading") from None
     except Exception as e:  # A user's file failed to import: say which and why.
         raise GptjaxError(f"{what} {str(path)!r} failed to load: {type(e).__name__}: {e}") from e
     if result is None:

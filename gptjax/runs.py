@@ -9,6 +9,10 @@ evaluation, export, initialising a new run) goes through :func:`load`.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import os
+import socket
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -117,7 +121,13 @@ def ensure_dir(path: str | Path, what: str = "directory") -> Path:
 
 
 def write_params_run(run_dir: str | Path, config: Config, params: nnx.State, tokenizer: str) -> Path:
-    """Write parameters alone as a run (step 0) that ``load``, ``sample`` and ``init_from`` accept."""
+    """Write parameters alone as a run (step 0) that ``load``, ``sample`` and ``init_from`` accept.
+
+    The directory must be new or empty: writing into a run would let checkpoint retention
+    delete its trained steps and overwrite its ``config.json``.
+    """
+    if Path(run_dir).is_dir() and any(Path(run_dir).iterdir()):
+        raise GptjaxError(f"{str(run_dir)!r} is not empty (it may hold a run): give a new directory")
     run_dir = ensure_dir(run_dir, "run directory")
     ckpt = Checkpointer(run_dir / "checkpoints")
     try:
@@ -162,3 +172,56 @@ def prepare_run_dir(config: Config) -> Path:
             f"run directory {str(run_dir)!r} is not writable ({e.strerror}): choose another --run-dir"
         ) from e
     return run_dir
+
+
+def check_same_data(saved: dict, config: Config, step: int, directory: Path) -> None:
+    """Raise if a checkpoint to resume was trained on another ``data.source`` or tokenizer."""
+    saved_data = saved.get("config", {}).get("data", {})
+    diffs = [
+        f"data.{k} {saved_data[k]!r} != {getattr(config.data, k)!r}"
+        for k in ("source", "tokenizer")
+        if k in saved_data and saved_data[k] != getattr(config.data, k)
+    ]
+    if diffs:
+        raise GptjaxError(
+            f"the checkpoint at step {step} in {directory} was trained on other data ({'; '.join(diffs)}): "
+            f"resume with its data, or start a new train.run_dir with train.init_from={directory.parent}"
+        )
+
+
+class RunLock:
+    """An advisory lock on a run directory, held while one process writes to it.
+
+    ``fcntl.flock`` locks die with their process, so a killed run never leaves a stale
+    lock; the lock file names the holder so that a second writer can say who it is.
+    """
+
+    def __init__(self, run_dir: Path, *, enabled: bool = True):
+        self.path = Path(run_dir) / ".lock"
+        self.enabled = enabled  # one process of a multi-process run holds it
+        self._file = None
+
+    def __enter__(self) -> RunLock:
+        if not self.enabled:
+            return self
+        try:
+            self._file = open(self.path, "a+")  # noqa: SIM115
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            raise GptjaxError(
+                f"{self.path.parent} is in use by {holder}: wait for it to finish or stop it, "
+                "or give another --run-dir"
+            ) from None
+        except OSError as e:
+            raise GptjaxError(f"cannot lock {self.path} ({e.strerror}): choose another --run-dir") from e
+        self._file.truncate(0)
+        self._file.write(f"pid {os.getpid()} on {socket.gethostname()} ({' '.join(sys.argv[:3])})\n")
+        self._file.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            self._file.close()  # releases the lock

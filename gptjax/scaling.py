@@ -294,8 +294,15 @@ def table(sweep_dir: str | Path) -> list[dict[str, Any]]:
     path = sweep_dir / "sweep.json"
     if not path.exists():
         raise GptjaxError(f"{str(sweep_dir)!r} holds no sweep.json: give a directory written by gptjax sweep")
-    spec = json.loads(path.read_text())["spec"]
-    sweep = Sweep(name=spec["name"], base=Config.from_dict(spec["base"]), axes=spec["axes"])
+    try:
+        spec = json.loads(path.read_text())["spec"]
+        sweep = Sweep(name=spec["name"], base=Config.from_dict(spec["base"]), axes=spec["axes"])
+    except (ValueError, KeyError, TypeError) as e:  # not JSON, or not a sweep's record
+        if isinstance(e, GptjaxError):
+            raise
+        raise GptjaxError(
+            f"{path} is damaged ({type(e).__name__}: {str(e)[:120]}): run gptjax sweep again to rewrite it"
+        ) from e
     rows = []
     for run in expand(sweep, sweep_dir):
         m, tc, run_dir = run.config.model, run.config.train, Path(run.config.train.run_dir)
@@ -531,6 +538,9 @@ def fit_sweep(
     ``budgets`` (default: the sweep's largest C and 10x and 100x it). ``isoflop`` is
     Chinchilla's second approach, for sweeps over ``flops`` budgets (:func:`isoflop`).
     """
+    from gptjax.validate import at_least
+
+    at_least(bootstrap=(n_boot, 0), **{f"budget {i + 1}": (c, 1.0) for i, c in enumerate(budgets)})
     rows = table(sweep_dir)
     points = _points(rows)
     fits: dict[str, Fit] = {}

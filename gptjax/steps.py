@@ -116,9 +116,9 @@ def make_grad_fn(graphdef: nnx.GraphDef, config: Config, loss=lm_loss):
 def make_train_step(graphdef: nnx.GraphDef, optimizer, config: Config, loss=lm_loss, lr=None):
     """``(state, batch) -> (state, metrics)``.
 
-    A non-finite loss or gradient skips the update: parameters and optimizer moments stay
-    as they were, the step still advances (it indexes the data and the schedule), and
-    ``metrics["skipped"]`` is 1. ``loss`` and ``lr`` (the logged rate) default to
+    A non-finite loss, gradient or updated parameter norm skips the update: parameters
+    and optimizer moments stay as they were, the step still advances (it indexes the data
+    and the schedule), and ``metrics["skipped"]`` is 1. ``loss`` and ``lr`` (the logged rate) default to
     language modelling's.
     """
     grad_fn = make_grad_fn(graphdef, config, loss)
@@ -132,6 +132,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer, config: Config, loss=lm_l
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
         params, head = optax.apply_updates(trainable, updates)
+        finite &= jnp.isfinite(optax.tree.norm((params, head)))  # an update can blow up finite gradients
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         metrics = {
             "loss": loss,

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from gptjax import data as data_lib
-from gptjax import sharding
+from gptjax import sharding, validate
 from gptjax.checkpoint import Checkpointer
 from gptjax.config import Config, flops_per_token
 from gptjax.errors import GptjaxError
@@ -36,7 +36,7 @@ from gptjax.model import GPT
 from gptjax.model import abstract as model_abstract
 from gptjax.optim import keep_moments, lr_schedule, make_optimizer, weight_decay_mask  # noqa: F401
 from gptjax.preemption import StopRequest
-from gptjax.runs import check_compatible, load_params, prepare_run_dir, read_config
+from gptjax.runs import RunLock, check_compatible, check_same_data, load_params, prepare_run_dir, read_config
 from gptjax.steps import Task, TrainState, lm_loss, make_eval_step, make_grad_fn, make_train_step  # noqa: F401
 
 
@@ -221,19 +221,27 @@ def train(
     sharding.initialize_distributed()
     is_main = jax.process_index() == 0
     run_dir = prepare_run_dir(config)
-    if task is None:
-        dataset = data_lib.load_dataset(
-            config.data, seq_len=config.model.block_size, vocab_size=config.model.vocab_size
-        )
-        task = language_model(config, dataset)
-    setup = build(config, mesh, task)
-    ckpt = Checkpointer(run_dir / "checkpoints", keep=config.train.keep_checkpoints, best=task.best)
-    logger = MetricsLogger(run_dir, enabled=is_main, total_steps=config.train.steps)
-    try:
-        return _run(config, run_dir, task, setup, ckpt, logger, stop_at, batch_hook)
-    finally:
-        ckpt.close()
-        logger.close()
+    # SIGTERM from here on (compile, loop, final evaluation and save, samples) saves and exits.
+    with RunLock(run_dir, enabled=is_main), StopRequest() as stop:
+        validate.attention_kernel(config.model.attention)
+        if task is None:
+            dataset = data_lib.load_dataset(
+                config.data, seq_len=config.model.block_size, vocab_size=config.model.vocab_size
+            )
+            validate.train_batch(
+                config.train.batch_size, config.model.block_size, len(dataset.train), config.data.source
+            )
+            task = language_model(config, dataset)
+        setup = build(config, mesh, task)
+        ckpt = Checkpointer(run_dir / "checkpoints", keep=config.train.keep_checkpoints, best=task.best)
+        logger = MetricsLogger(run_dir, enabled=is_main, total_steps=config.train.steps)
+        try:
+            return _run(config, run_dir, task, setup, ckpt, logger, stop_at, batch_hook, stop)
+        finally:
+            try:
+                ckpt.close()
+            finally:
+                logger.close()
 
 
 def _restore_or_init(config: Config, setup: Setup, ckpt: Checkpointer, logger: MetricsLogger, task: Task):
@@ -252,6 +260,7 @@ def _restore_or_init(config: Config, setup: Setup, ckpt: Checkpointer, logger: M
         try:
             meta = ckpt.read_meta(step)
             check_compatible(meta, config, step, ckpt.directory)
+            check_same_data(meta, config, step, ckpt.directory)
             state = ckpt.restore(step, setup.abstract_state)
         except GptjaxError:
             raise
@@ -263,11 +272,13 @@ def _restore_or_init(config: Config, setup: Setup, ckpt: Checkpointer, logger: M
             )
             continue
         logger.print(f"gptjax: resuming {ckpt.directory.parent} from step {step}")
-        logger.truncate(step)  # rows after the checkpoint are logged again as they are redone
+        # Rows after the checkpoint are logged again as they are redone (a finished run's
+        # final evaluation too).
+        logger.truncate(step, redo_eval=step >= config.train.steps)
         return state
-    if steps:
+    if steps or ckpt.set_aside_steps():
         raise GptjaxError(
-            f"no checkpoint in {ckpt.directory} is readable (steps {steps}): "
+            f"no checkpoint in {ckpt.directory} is readable (steps {steps or ckpt.set_aside_steps()}): "
             "move the directory away to start over"
         )
     state = setup.init()
@@ -280,7 +291,7 @@ def _restore_or_init(config: Config, setup: Setup, ckpt: Checkpointer, logger: M
     return state
 
 
-def _run(config, run_dir, task: Task, setup, ckpt, logger, stop_at, batch_hook) -> TrainResult:
+def _run(config, run_dir, task: Task, setup, ckpt, logger, stop_at, batch_hook, stop) -> TrainResult:
     tc = config.train
     meta = {"config": config.to_dict(), **task.meta}
     state = _restore_or_init(config, setup, ckpt, logger, task)
@@ -293,9 +304,12 @@ def _run(config, run_dir, task: Task, setup, ckpt, logger, stop_at, batch_hook) 
     n_devices = setup.mesh.devices.size
     start = int(state.step)
     metrics: dict[str, float] = {}
-    interrupted = finished_early = False
+    interrupted = stop_at is not None and start >= stop_at < tc.steps
+    finished_early = False
     last_eval = None  # the step of the last validation
-    if start < tc.steps:  # a finished run only evaluates
+    if interrupted:  # a retried slice job: its slice is done
+        logger.print(f"gptjax: step {start} already reached --stop-at {stop_at}; nothing to do")
+    elif start < tc.steps:  # a finished run only evaluates
         logger.print(f"gptjax: MFU against {peak / 1e12:.3g} TFLOP/s per device, {peak_source}")
         t_compile = time.perf_counter()
         compiled = setup.train_step.lower(state, _global_batch(batches.batch(start), setup.mesh)).compile()
@@ -306,7 +320,7 @@ def _run(config, run_dir, task: Task, setup, ckpt, logger, stop_at, batch_hook) 
         bad_run = skipped_total = 0
         pending = None  # the previous step's metrics: read one step late to keep a step in flight
         stream = batches.prefetch(start, tc.steps, config.data.prefetch)
-        with StopRequest() as stop:
+        with stop:  # held since train() started; entering again changes nothing
             for step, local in timer.wait(stream):
                 if batch_hook is not None:
                     local = batch_hook(step, local)
@@ -316,9 +330,9 @@ def _run(config, run_dir, task: Task, setup, ckpt, logger, stop_at, batch_hook) 
                     bad_run, skipped_total = (bad_run + 1 if bad else 0), skipped_total + bad
                     if bad_run > tc.max_bad_steps:
                         raise GptjaxError(
-                            f"{bad_run} consecutive steps (up to step {step - 1}) had a non-finite loss "
-                            "or gradient and were skipped; stopped, keeping the last checkpoint. Lower "
-                            "optim.lr, check the data, or raise train.max_bad_steps"
+                            f"{bad_run} consecutive steps (up to step {step - 1}) had a non-finite loss, "
+                            "gradient or update and were skipped; stopped, keeping the last checkpoint. "
+                            "Lower optim.lr, check the data, or raise train.max_bad_steps"
                         )
                 pending = step_metrics
                 done = step + 1
@@ -370,7 +384,7 @@ def _run(config, run_dir, task: Task, setup, ckpt, logger, stop_at, batch_hook) 
     ckpt.wait()
     samples = (
         []
-        if interrupted or not config.sample.num_samples
+        if interrupted or stop.requested or not config.sample.num_samples
         else _samples(config, setup, state.params, task.tokenizer, logger)
     )
     if jax.process_index() == 0:
