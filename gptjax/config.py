@@ -17,11 +17,12 @@ import json
 import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from gptjax.errors import GptjaxError
+from gptjax.errors import GptjaxError, GptjaxWarning
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -494,8 +495,40 @@ def apply_overrides(config: Config, overrides: list[str] | tuple[str, ...]) -> C
             known = ", ".join(f.name for f in dataclasses.fields(_SECTIONS[section]))
             raise GptjaxError(f"unknown config key {key!r}; {section} has: {known}")
         changes.setdefault(section, {})[field_name] = _parse_value(key, raw, hints[field_name])
+    _implied_changes(config, changes)
     new_sections = {s: dataclasses.replace(getattr(config, s), **kw) for s, kw in changes.items()}
     return dataclasses.replace(config, name=name, **new_sections)
+
+
+def _implied_changes(config: Config, changes: dict[str, dict[str, Any]]) -> None:
+    """What the user's overrides imply for the fields they did not set (edits ``changes``).
+
+    - A mesh axis set to -1 takes the rest of the devices: the preset's own -1 becomes 1
+      (``gpt2 mesh.fsdp=-1`` is FSDP over every device, not an error).
+    - A new tokenizer brings its vocabulary size unless ``model.vocab_size`` is given.
+    - Fewer steps than the warmup clamp the warmup to the run, with a warning, unless
+      ``optim.warmup_steps`` is given too (then the config's check names both).
+    """
+    from gptjax.tokenizer import known_vocab_size
+
+    mesh = changes.get("mesh", {})
+    if -1 in mesh.values():
+        for axis in ("data", "fsdp", "tensor"):
+            if axis not in mesh and getattr(config.mesh, axis) == -1:
+                mesh[axis] = 1
+    tokenizer = changes.get("data", {}).get("tokenizer")
+    vocab = known_vocab_size(tokenizer) if tokenizer else None
+    if vocab is not None and "vocab_size" not in changes.get("model", {}):
+        changes.setdefault("model", {})["vocab_size"] = vocab
+    steps = changes.get("train", {}).get("steps", config.train.steps)
+    if "warmup_steps" not in changes.get("optim", {}) and config.optim.warmup_steps > steps:
+        changes.setdefault("optim", {})["warmup_steps"] = steps
+        warnings.warn(
+            f"optim.warmup_steps ({config.optim.warmup_steps}) is longer than training "
+            f"(train.steps = {steps}): warming up over all {steps} steps",
+            GptjaxWarning,
+            stacklevel=3,
+        )
 
 
 def _parse_value(key: str, raw: str, annotation: Any) -> Any:
