@@ -297,7 +297,8 @@ class _DefaultsFormatter(argparse.HelpFormatter):
     """Help that ends each option with its default, where it has a meaningful one."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if any(action.default is v for v in (None, False, "", argparse.SUPPRESS)) or not action.option_strings:
+        unset = any(action.default is v for v in (None, False, "", argparse.SUPPRESS))
+        if unset or not action.option_strings:
             return action.help
         return f"{action.help} (default: {action.default})"
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Dense peak FLOP/s per device (per chip for TPUs), from the vendors' data sheets.
 # fp32 on TPUs runs through the MXU's bf16 passes; the figure given is the bf16 peak / 3
@@ -78,14 +79,16 @@ class MetricsLogger:
         self._jsonl = None
         self._tb = None
         self._t0 = time.perf_counter()
+        self._origin: tuple[int, float] | None = None  # (step, time) the ETA is measured from
         self._bar = None
         if enabled and sys.stdout.isatty():
-            # A live bar under the log lines (rich redirects prints above it).
+            # A live bar under the log lines (rich redirects prints above it). Its columns fit
+            # 80 characters: "train ━━━━ 400/800 loss 2.1473 0:01:23".
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self._bar = Progress(
                 TextColumn("[bold]train"),
-                BarColumn(),
+                BarColumn(bar_width=24),
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[stats]}"),
                 TimeRemainingColumn(),
@@ -138,8 +141,26 @@ class MetricsLogger:
         if self.enabled:
             print(f"gptjax: warning: {message}", file=sys.stderr, flush=True)
 
+    def begin(self, step: int) -> None:
+        """The training loop starts (or resumes) at ``step``: the ETA counts from here."""
+        self._origin = (step, time.perf_counter())
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step)
+
+    def advance(self, step: int) -> None:
+        """Step ``step`` was dispatched: move the bar (every step, not only logged ones)."""
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step)
+
+    def eta(self, step: int) -> float | None:
+        """Seconds left at the rate since :meth:`begin` (None before any step is done)."""
+        if self._origin is None or step <= self._origin[0]:
+            return None
+        first, t = self._origin
+        return (time.perf_counter() - t) / (step - first) * (self.total_steps - step)
+
     def progress(self, step: int, row: dict[str, Any]) -> None:
-        """One console line per logged step: step, loss, throughput and MFU."""
+        """One console line per logged step: step, loss, throughput, MFU, elapsed and ETA."""
         if not self.enabled:
             return
         parts = [f"step {step:>{len(str(self.total_steps))}}/{self.total_steps}"]
@@ -151,9 +172,12 @@ class MetricsLogger:
         if row.get("mfu"):
             parts.append(f"MFU {100 * row['mfu']:.1f}%")
         parts.append(f"{time.perf_counter() - self._t0:.0f}s")
+        eta = self.eta(step)
+        if eta is not None and step < self.total_steps and "loss" in row:
+            parts.append(f"eta {_clock(eta)}")
         print(" | ".join(parts), file=sys.stdout, flush=True)
-        if self._bar is not None:
-            self._bar.update(self._task, completed=step, stats=" | ".join(parts[1:-1]))
+        if self._bar is not None and "loss" in row:
+            self._bar.update(self._task, completed=step, stats=f"loss {row['loss']:.4f}")
 
     def close(self) -> None:
         if self._bar is not None:
@@ -162,6 +186,23 @@ class MetricsLogger:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def interval_mean(losses: list) -> float:
+    """The mean of a logging interval's per-step losses, skipped (non-finite) steps left out.
+
+    An interval whose every step was skipped reports its last loss (non-finite), so a
+    logged row never hides a bad step.
+    """
+    values = np.asarray(jax.device_get(losses), np.float64)
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else float(values[-1])
 
 
 def _plain(value: Any) -> Any:

@@ -174,6 +174,8 @@ def _in_subprocess(config: Config, n_devices: int) -> dict[str, Any]:
         env=env,
         check=False,
     )
+    if out.returncode == _USER_ERROR:  # the config does not suit the mesh: its one-line reason
+        raise GptjaxError(out.stderr.strip().splitlines()[-1])
     if out.returncode:
         raise GptjaxError(f"dry run on {n_devices} fake devices failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -212,5 +214,11 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+_USER_ERROR = 2  # the subprocess's exit code for a GptjaxError, whose message is its last line
+
 if __name__ == "__main__":  # the subprocess of a dry run on more devices than are visible
-    print(json.dumps(_analyse(Config.from_dict(json.loads(sys.stdin.read())))))
+    try:
+        print(json.dumps(_analyse(Config.from_dict(json.loads(sys.stdin.read())))))
+    except GptjaxError as e:
+        print(e, file=sys.stderr)
+        sys.exit(_USER_ERROR)

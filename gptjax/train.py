@@ -29,7 +29,7 @@ from gptjax.checkpoint import Checkpointer
 from gptjax.config import Config, OptimConfig, flops_per_token
 from gptjax.errors import GptjaxError
 from gptjax.host import keep_freed_memory
-from gptjax.metrics import MetricsLogger, StepTimer, peak_flops, peak_memory
+from gptjax.metrics import MetricsLogger, StepTimer, interval_mean, peak_flops, peak_memory
 from gptjax.model import GPT
 from gptjax.preemption import StopRequest
 from gptjax.runs import check_compatible, load_params, prepare_run_dir, read_config
@@ -218,9 +218,11 @@ def build(config: Config, mesh: jax.sharding.Mesh | None = None) -> Setup:
     dp = sharding.data_parallel_size(mesh)
     micro = config.train.batch_size // config.optim.accum_steps
     if micro % dp:
+        fits = -(-micro // dp) * dp * config.optim.accum_steps  # the next batch size that divides
         raise GptjaxError(
             f"batch size per micro-batch ({micro} = train.batch_size {config.train.batch_size} / "
-            f"optim.accum_steps {config.optim.accum_steps}) must be divisible by data x fsdp = {dp}"
+            f"optim.accum_steps {config.optim.accum_steps}) must be divisible by data x fsdp = {dp}: "
+            f"set train.batch_size={fits}, or use fewer devices"
         )
     if config.model.n_head % mesh.shape["tensor"]:
         raise GptjaxError(
@@ -417,6 +419,8 @@ def _run(config, run_dir, dataset, setup, ckpt, logger, stop_at, batch_hook) -> 
         timer = StepTimer()
         bad_run = skipped_total = 0
         pending = None  # the previous step's metrics: read one step late to keep a step in flight
+        interval_losses = []  # this logging interval's losses (device scalars), averaged when logged
+        logger.begin(start)
         stream = batches.prefetch(start, tc.steps, config.data.prefetch)
         with StopRequest() as stop:
             for step, local in timer.wait(stream):
@@ -434,8 +438,11 @@ def _run(config, run_dir, dataset, setup, ckpt, logger, stop_at, batch_hook) -> 
                         )
                 pending = step_metrics
                 done = step + 1
+                interval_losses.append(step_metrics["loss"])
+                logger.advance(done)
                 if done % tc.log_every == 0 or done == tc.steps:
                     metrics = {k: float(v) for k, v in step_metrics.items()}  # waits for the step
+                    metrics["loss"], interval_losses = interval_mean(interval_losses), []
                     metrics.update(timer.rates(done - start, tc.batch_size * seq, flops, peak * n_devices))
                     metrics["skipped_total"] = skipped_total + int(metrics["skipped"])
                     logger.write(done, metrics)
