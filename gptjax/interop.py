@@ -208,6 +208,10 @@ def to_hf(model: GPT, path: str | Path, *, eos_token_id: int | None = None) -> P
 
     directory = ensure_dir(path)
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    # safetensors creates the file 0600; give it the mode every other file here gets (0644).
+    umask = os.umask(0)
+    os.umask(umask)
+    (directory / "model.safetensors").chmod(0o666 & ~umask)
     hf_config = {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",

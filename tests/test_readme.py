@@ -39,9 +39,16 @@ COMMANDS: dict[str, list[str] | str] = {
     'gptjax sample runs/quickstart --prompt "class "': [],
     "gptjax train|sample|eval|...": "a list of subcommands",
     "gptjax train gpt2 model.n_layer=6 optim.lr=3e-4 mesh.fsdp=-1": [
-        "model.n_embd=32", "model.n_head=2", "model.block_size=32", "data.source=my_texts/",
-        "train.steps=2", "train.batch_size=8", "train.eval_max_batches=1", "sample.num_samples=0",
-        "--run-dir", "runs/gpt2-fsdp",
+        "model.n_embd=32",
+        "model.n_head=2",
+        "model.block_size=32",
+        "data.source=my_texts/",
+        "train.steps=2",
+        "train.batch_size=8",
+        "train.eval_max_batches=1",
+        "sample.num_samples=0",
+        "--run-dir",
+        "runs/gpt2-fsdp",
     ],  # fmt: skip
     "gptjax info gpt2 --json": [],
     "gptjax prepare --data SOURCE --tokenizer NAME [--json]": _SYNOPSIS,
@@ -52,7 +59,7 @@ COMMANDS: dict[str, list[str] | str] = {
     'gptjax sample runs/gpt2 --prompt "Hello"': [],
     "gptjax train gpt2 data.source=my_texts/ train.init_from=runs/gpt2 --run-dir runs/gpt2-ft": _TINY_GPT2,
     "gptjax export-hf runs/gpt2-ft ./gpt2-ft-hf": [],
-    "gptjax launch --processes 2 --devices-per-process 2 -- train quickstart": [*_QUICK, "train.eval_max_batches=1"],
+    "gptjax launch --processes 2 --devices-per-process 2 -- train quickstart": _QUICK,
     "gptjax sweep configs/sweep_small.py --dir runs/sweep_small": _NOT_RUN_SWEEP,
     "gptjax fit runs/sweep_small [--json] [--irreducible] [--budget 1e15]": _NOT_RUN_SWEEP,
     "gptjax plot runs/sweep_small": _NOT_RUN_SWEEP,
@@ -71,7 +78,9 @@ COMMANDS: dict[str, list[str] | str] = {
     "python scripts/bench_model.py": _NOT_RUN_BENCH,
     "python scripts/bench_data.py": _NOT_RUN_BENCH,
     "python scripts/bench_multihost.py": _NOT_RUN_BENCH,
-    "gptjax train gpt2-xl train.batch_size=64 --dry-run --devices 64 --device-memory 80e9": ["model.n_layer=2"],
+    "gptjax train gpt2-xl train.batch_size=64 --dry-run --devices 64 --device-memory 80e9": [
+        "model.n_layer=2"
+    ],
     "gptjax --debug ...": "a pattern: any command with --debug",
     'pytest -m "not slow"': _NOT_RUN_TESTS,
 }
@@ -125,6 +134,7 @@ def _write_inputs(cwd: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("default::gptjax.errors.GptjaxWarning")  # short runs clamp the warmup
 def test_readme_commands_run_in_order(tmp_path, monkeypatch, capsys, gpt2_tokenizer_available):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GPTJAX_CACHE_DIR", str(tmp_path / "cache"))
