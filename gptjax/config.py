@@ -506,8 +506,9 @@ def _implied_changes(config: Config, changes: dict[str, dict[str, Any]]) -> None
     - A mesh axis set to -1 takes the rest of the devices: the preset's own -1 becomes 1
       (``gpt2 mesh.fsdp=-1`` is FSDP over every device, not an error).
     - A new tokenizer brings its vocabulary size unless ``model.vocab_size`` is given.
-    - Fewer steps than the warmup clamp the warmup to the run, with a warning, unless
-      ``optim.warmup_steps`` is given too (then the config's check names both).
+    - Fewer steps than the warmup shorten it to a tenth of the run, with a warning (the
+      schedule still decays), unless ``optim.warmup_steps`` is given too (then the
+      config's check names both).
     """
     from gptjax.tokenizer import known_vocab_size
 
@@ -522,10 +523,10 @@ def _implied_changes(config: Config, changes: dict[str, dict[str, Any]]) -> None
         changes.setdefault("model", {})["vocab_size"] = vocab
     steps = changes.get("train", {}).get("steps", config.train.steps)
     if "warmup_steps" not in changes.get("optim", {}) and config.optim.warmup_steps > steps:
-        changes.setdefault("optim", {})["warmup_steps"] = steps
+        changes.setdefault("optim", {})["warmup_steps"] = steps // 10
         warnings.warn(
             f"optim.warmup_steps ({config.optim.warmup_steps}) is longer than training "
-            f"(train.steps = {steps}): warming up over all {steps} steps",
+            f"(train.steps = {steps}): warming up over the first {steps // 10} steps instead",
             GptjaxWarning,
             stacklevel=3,
         )

@@ -167,6 +167,9 @@ class MetricsLogger:
         for key, fmt in (("loss", ".4f"), ("val_loss", ".4f"), ("lr", ".2e"), ("grad_norm", ".3f")):
             if key in row:
                 parts.append(f"{key} {row[key]:{fmt}}")
+        if "val_tokens" in row:  # which validation loss: the full pass, or the first tokens of it
+            scope = "full pass" if row.get("val_full_pass") else "first"
+            parts[-1] += f" ({scope} {row['val_tokens']:,} tokens)"
         if "tokens_per_sec" in row:
             parts.append(f"{row['tokens_per_sec']:,.0f} tok/s")
         if row.get("mfu"):

@@ -269,8 +269,20 @@ def build(config: Config, mesh: jax.sharding.Mesh | None = None) -> Setup:
     return Setup(mesh, graphdef, abstract_state, jax.jit(init, out_shardings=state_sh), train_step, eval_step)
 
 
-def evaluate(setup: Setup, params, val_tokens: np.ndarray, config: Config, bytes_per_token: float | None):
-    """A full pass (or ``eval_max_batches`` batches) over the validation tokens."""
+def evaluate(
+    setup: Setup,
+    params,
+    val_tokens: np.ndarray,
+    config: Config,
+    bytes_per_token: float | None,
+    *,
+    full: bool = False,
+):
+    """``eval_max_batches`` batches of the validation tokens, or a full pass (``full`` or 0).
+
+    ``val_tokens`` in the result counts the tokens scored and ``val_full_pass`` says
+    whether they were all of them.
+    """
     total, count = 0.0, 0.0
     for tokens, weights in data_lib.eval_batches(
         val_tokens,
@@ -278,14 +290,15 @@ def evaluate(setup: Setup, params, val_tokens: np.ndarray, config: Config, bytes
         batch_size=config.train.batch_size // config.optim.accum_steps,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-        max_batches=config.train.eval_max_batches,
+        max_batches=0 if full else config.train.eval_max_batches,
     ):
         nll, n = setup.eval_step(
             params, sharding.global_batch(tokens, setup.mesh), sharding.global_batch(weights, setup.mesh)
         )
         total, count = total + float(nll), count + float(n)
     loss = total / max(count, 1.0)
-    out = {"val_loss": loss, "val_perplexity": math.exp(min(loss, 80.0))}
+    out = {"val_loss": loss, "val_perplexity": math.exp(min(loss, 80.0)), "val_tokens": int(count)}
+    out["val_full_pass"] = int(count) >= len(val_tokens) - 1
     if bytes_per_token:
         out["val_bits_per_byte"] = total / (math.log(2) * count * bytes_per_token)
     return out
@@ -470,8 +483,8 @@ def _run(config, run_dir, dataset, setup, ckpt, logger, stop_at, batch_hook) -> 
         stream.close()  # stops the prefetch thread
         logger.write(int(state.step), peak_memory())
     final_step = int(state.step)
-    if not interrupted:
-        ev = evaluate(setup, state.params, dataset.val, config, bytes_per_token)
+    if not interrupted:  # the run's final number is the full pass, as `gptjax eval` reports it
+        ev = evaluate(setup, state.params, dataset.val, config, bytes_per_token, full=True)
         metrics.update(ev)
         logger.write(final_step, ev)
         logger.progress(final_step, ev)
