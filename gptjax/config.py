@@ -246,6 +246,8 @@ class TrainConfig:
             GPT-2 imported with ``gptjax import-hf``); the optimizer starts fresh.
         max_bad_steps: Consecutive steps with a non-finite loss or gradient (each one
             skipped) after which the run stops, keeping its last good checkpoint.
+        wandb_project: Also log metrics to this Weights & Biases project (``pip install
+            wandb``; ``WANDB_MODE=offline`` writes them under the run directory); empty: off.
     """
 
     steps: int = 1000
@@ -261,6 +263,7 @@ class TrainConfig:
     peak_flops: float = 0.0
     init_from: str = ""
     max_bad_steps: int = 10
+    wandb_project: str = ""
 
     def __post_init__(self) -> None:
         _positive(self, "steps", "batch_size", "log_every", "keep_checkpoints")
@@ -522,11 +525,11 @@ def _implied_changes(config: Config, changes: dict[str, dict[str, Any]]) -> None
     if vocab is not None and "vocab_size" not in changes.get("model", {}):
         changes.setdefault("model", {})["vocab_size"] = vocab
     steps = changes.get("train", {}).get("steps", config.train.steps)
-    if "warmup_steps" not in changes.get("optim", {}) and config.optim.warmup_steps > steps:
+    if "warmup_steps" not in changes.get("optim", {}) and config.optim.warmup_steps > steps >= 1:
         changes.setdefault("optim", {})["warmup_steps"] = steps // 10
         warnings.warn(
             f"optim.warmup_steps ({config.optim.warmup_steps}) is longer than training "
-            f"(train.steps = {steps}): warming up over the first {steps // 10} steps instead",
+            f"(train.steps = {steps}): shortened to {steps // 10} steps, a tenth of the run",
             GptjaxWarning,
             stacklevel=3,
         )

@@ -24,6 +24,7 @@ def quiet_libraries() -> None:
     # C++ INFO and WARNING of TensorFlow, XLA and TSL (oneDNN, Gloo, "Logging before InitGoogle").
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    os.environ.setdefault("WANDB_SILENT", "true")  # gptjax prints the run's URL (or directory) itself
     for name in ("absl", "tensorflow", "jax._src.xla_bridge"):
         logging.getLogger(name).setLevel(logging.ERROR)
 

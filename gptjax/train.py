@@ -343,7 +343,13 @@ def train(
     )
     setup = build(config, mesh)
     ckpt = Checkpointer(run_dir / "checkpoints", keep=config.train.keep_checkpoints)
-    logger = MetricsLogger(run_dir, enabled=is_main, total_steps=config.train.steps)
+    logger = MetricsLogger(
+        run_dir,
+        enabled=is_main,
+        total_steps=config.train.steps,
+        wandb_project=config.train.wandb_project,
+        config=config.to_dict(),
+    )
     try:
         return _run(config, run_dir, dataset, setup, ckpt, logger, stop_at, batch_hook)
     finally:
@@ -428,7 +434,7 @@ def _run(config, run_dir, dataset, setup, ckpt, logger, stop_at, batch_hook) -> 
         ).compile()
         compile_time = time.perf_counter() - t_compile
         logger.print(f"gptjax: train step compiled in {compile_time:.1f}s")
-        logger.write(start, {"compile_time": compile_time})
+        logger.write(start, {"compile_time": compile_time, "peak_flops": peak})  # the MFUs' denominator
         timer = StepTimer()
         bad_run = skipped_total = 0
         pending = None  # the previous step's metrics: read one step late to keep a step in flight

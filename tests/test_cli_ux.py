@@ -90,7 +90,7 @@ def test_the_warning_is_one_line_on_the_command_line():
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == (
         "gptjax: warning: optim.warmup_steps (100) is longer than training (train.steps = 20): "
-        "warming up over the first 2 steps instead"
+        "shortened to 2 steps, a tenth of the run"
     )
 
 
@@ -150,3 +150,40 @@ def test_library_log_lines_are_quiet_unless_debug(monkeypatch):
     quiet_libraries()
     assert not logging.getLogger("absl").isEnabledFor(logging.WARNING)
     assert logging.getLogger("absl").isEnabledFor(logging.ERROR)
+
+
+def test_the_cpu_peak_is_measured_once_per_machine(tmp_path, monkeypatch):
+    from gptjax import metrics
+
+    monkeypatch.setenv("GPTJAX_CACHE_DIR", str(tmp_path))
+    probes = []
+    monkeypatch.setattr(metrics, "_matmul_probe", lambda: probes.append(1) or 1e11 * len(probes))
+    metrics.measured_cpu_peak.cache_clear()
+    try:
+        assert metrics.measured_cpu_peak() == 1e11
+        metrics.measured_cpu_peak.cache_clear()  # a new process on the same machine
+        assert metrics.measured_cpu_peak() == 1e11 and len(probes) == 1
+        (tmp_path / "cpu_peak_flops.json").unlink()
+        metrics.measured_cpu_peak.cache_clear()
+        assert metrics.measured_cpu_peak() == 2e11  # deleting the file measures again
+    finally:
+        metrics.measured_cpu_peak.cache_clear()
+
+
+def test_wandb_logs_offline_into_the_run_directory(corpus, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_dir = tmp_path / "run"
+    args = [
+        "train", "nano", f"data.source={corpus}", "train.batch_size=8", "train.log_every=1",
+        "train.eval_max_batches=1", "optim.warmup_steps=1", "sample.num_samples=0",
+        "train.wandb_project=gptjax-test", "--run-dir", str(run_dir),
+    ]  # fmt: skip
+    assert main([*args, "train.steps=2"]) == 0
+    assert "gptjax: logging to W&B project gptjax-test" in capsys.readouterr().out
+    run_id = (run_dir / "wandb_id").read_text()
+    [record] = (run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
+    assert record.stat().st_size > 0
+    assert main([*args, "train.steps=3"]) == 0  # a resumed run continues the same W&B run
+    assert (run_dir / "wandb_id").read_text() == run_id
+    assert len(list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))) == 2

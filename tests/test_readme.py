@@ -51,7 +51,8 @@ COMMANDS: dict[str, list[str] | str] = {
         "runs/gpt2-fsdp",
     ],  # fmt: skip
     "gptjax info gpt2 --json": [],
-    "gptjax prepare --data SOURCE --tokenizer NAME [--json]": _SYNOPSIS,
+    "gptjax prepare --data SOURCE --tokenizer NAME [data.field=value ...] [--json]": _SYNOPSIS,
+    "gptjax train nano train.steps=20 --print-config": [],
     "gptjax train CONFIG [section.field=value ...] [--run-dir DIR] [--stop-at STEP]": _SYNOPSIS,
     'gptjax sample RUN_DIR --prompt "def " [--prompt-file F] [--num-samples N] [--max-new-tokens 200] '
     "[--temperature 0.8] [--top-k K] [--top-p P] [--min-p P] [--seed S] [--json]": _SYNOPSIS,
@@ -72,6 +73,8 @@ COMMANDS: dict[str, list[str] | str] = {
     "gptjax eval runs/quickstart --task questions.jsonl --shots 3 --shots-from examples.jsonl": [],
     'gptjax attention runs/quickstart --prompt "def main(args):" --layer 2 --out attention.png': [],
     "gptjax sample": "a command's name in the prose",
+    "gptjax --help": "a command's name in the prose",
+    "gptjax --version": [],
     "gptjax eval": "a command's name in the prose",
     "python scripts/bench_train.py --shapes quickstart gpt2": _NOT_RUN_BENCH,
     "python scripts/bench_sample.py": _NOT_RUN_BENCH,
@@ -144,7 +147,10 @@ def test_readme_commands_run_in_order(tmp_path, monkeypatch, capsys, gpt2_tokeni
         if isinstance(extra, str):
             continue
         argv = shlex.split(re.sub(r"\s*\[[^\]]*\]", "", command))[1:] + extra  # [optional] parts left out
-        code = main(argv)
+        try:
+            code = main(argv)
+        except SystemExit as e:  # --version and --help exit from argparse
+            code = e.code
         out = capsys.readouterr()
         assert code == 0, f"{command!r} exited {code}: {out.err[-2000:]}"
         assert "Traceback" not in out.err, command
