@@ -58,6 +58,12 @@ def test_print_config_is_the_runs_config_json(corpus, tmp_path, capsys):
     assert not (tmp_path / "run").exists()  # printing trains nothing
     assert main(args) == 0
     assert (tmp_path / "run" / "config.json").read_text() + "\n" == printed
+    # Loading a checkpoint made orbax log "WARNING:absl:Given directory is read only=..." and
+    # more: a command prints only what was asked for (--debug shows the rest).
+    command = [sys.executable, "-m", "gptjax.cli", "eval", str(tmp_path / "run"), "--max-batches", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and "loss (nats/token)" in result.stdout
+    assert result.stderr == ""
 
 
 def test_a_users_mesh_minus_one_wins_over_the_presets():
