@@ -11,7 +11,6 @@ import re
 import shlex
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from gptjax.cli import main
@@ -116,15 +115,11 @@ def test_readme_commands_are_all_listed():
     assert [c for c in COMMANDS if c not in commands] == [], "COMMANDS no longer in the README"
 
 
-def _write_inputs(cwd: Path) -> None:
+def _write_inputs(cwd: Path, texts: Path) -> None:
     """What the README's commands read that a user brings: texts, task files, a GPT-2 dir."""
     (cwd / "configs").symlink_to(ROOT / "configs")
-    texts = cwd / "my_texts"
-    texts.mkdir()
-    rng = np.random.default_rng(0)
+    (cwd / "my_texts").symlink_to(texts)
     words = ["alpha", "beta", "gamma", "delta", "def", "return", "class", "import"]
-    for i in range(8):
-        (texts / f"doc{i}.txt").write_text(" ".join(rng.choice(words, 400)) + "\n")
     rows = [{"context": f"{w} is a", "choices": ["word", "number"], "label": 0} for w in words]
     for name in ("questions.jsonl", "examples.jsonl"):
         (cwd / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -138,10 +133,9 @@ def _write_inputs(cwd: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("default::gptjax.errors.GptjaxWarning")  # short runs clamp the warmup
-def test_readme_commands_run_in_order(tmp_path, monkeypatch, capsys, gpt2_tokenizer_available):
+def test_readme_commands_run_in_order(tmp_path, monkeypatch, capsys, corpus, gpt2_tokenizer_available):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("GPTJAX_CACHE_DIR", str(tmp_path / "cache"))
-    _write_inputs(tmp_path)
+    _write_inputs(tmp_path, corpus)  # corpus: a private store cache too
     for command in readme_commands((ROOT / "README.md").read_text()):
         extra = COMMANDS[command]
         if isinstance(extra, str):
