@@ -7,14 +7,15 @@ traceback). Each subcommand is a ``_cmd_*`` function registered in ``_build_pars
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 from gptjax.errors import GptjaxError
 from gptjax.host import keep_freed_memory
+from gptjax.quiet import quiet_libraries, show_warnings_as_lines
 
 
 def _print_table(rows: list[tuple[str, Any]]) -> None:
@@ -58,13 +59,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from gptjax.config import DataConfig
+    from gptjax.config import Config, apply_overrides
     from gptjax.data import prepare
 
-    fields = {"source": args.data, "tokenizer": args.tokenizer}
+    other = [o for o in args.overrides if not o.strip().startswith("data.")]
+    if other:
+        raise GptjaxError(f"prepare takes data.field=value overrides only, got {other[0]!r}")
+    flags = [f"data.source={args.data}", f"data.tokenizer={args.tokenizer}"]
     if args.cache_dir:
-        fields["cache_dir"] = args.cache_dir
-    stats = prepare(DataConfig(**fields))
+        flags.append(f"data.cache_dir={args.cache_dir}")
+    stats = prepare(apply_overrides(Config(), [*flags, *args.overrides]).data)
     if args.json:
         print(json.dumps(stats, indent=2))
     else:
@@ -74,11 +78,15 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from gptjax.config import load_config
-    from gptjax.train import train
 
     overrides = list(args.overrides)
     if args.run_dir:
         overrides.append(f"train.run_dir={args.run_dir}")
+    if args.print_config:
+        print(load_config(args.config, overrides).to_json())  # what the run writes as config.json
+        return 0
+    from gptjax.train import train
+
     if args.dry_run:
         from gptjax.preflight import dry_run, format_report
 
@@ -121,6 +129,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     )
     model, config, tokenizer = load(args.run_dir)
     max_new = args.max_new_tokens
+    if max_new is None:  # the default fits the model: 200 new tokens, or what the context leaves
+        longest = max(len(tokenizer.encode(p)) or 1 for p in prompts)
+        max_new = max(1, min(200, config.model.block_size - longest))
     kwargs = dict(
         max_new_tokens=max_new, params=params, seed=args.seed, tokenizer=tokenizer, eot_id=tokenizer.eot_id
     )
@@ -136,9 +147,12 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         return 0
     for i, prompt in enumerate(prompts):
         # One row at a time so each sample streams as it is decoded; seeds stay per sample.
+        # The first chunk is decoded before anything is printed: a bad argument fails first.
+        chunks = stream(model, [prompt], **{**kwargs, "seed": args.seed + i})
+        first = next(chunks, None)
         print(f"--- sample {i} ---", flush=True)
         print(prompt, end="", flush=True)
-        for chunk in stream(model, [prompt], **{**kwargs, "seed": args.seed + i}):
+        for chunk in itertools.chain([first] if first is not None else [], chunks):
             print(chunk.texts[0], end="", flush=True)
         print(flush=True)
     return 0
@@ -298,9 +312,26 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Help that ends each option with its default, where it has a meaningful one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        unset = any(action.default is v for v in (None, False, "", argparse.SUPPRESS))
+        if unset or not action.option_strings:
+            return action.help
+        return f"{action.help} (default: {action.default})"
+
+
 def _build_parser() -> argparse.ArgumentParser:
+    from gptjax import __version__
+    from gptjax.config import MODEL_PRESETS, RUN_PRESETS
+
+    presets = ", ".join([*RUN_PRESETS, *MODEL_PRESETS])
     parser = _Parser(prog="gptjax", description="GPT language models in JAX.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument(
+        "--debug", action="store_true", help="show tracebacks for errors and the libraries' log lines"
+    )
+    parser.add_argument("--version", action="version", version=f"gptjax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="parameter count, FLOPs and memory of a config")
@@ -310,14 +341,21 @@ def _build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("prepare", help="build the token store of a data source")
+    p.add_argument(
+        "overrides", nargs="*", help="data.field=value (e.g. data.text_field=body data.tfds_manual_dir=DIR)"
+    )
     p.add_argument("--data", default="stdlib", help="stdlib, a path or glob, tfds:NAME, or a token file")
-    p.add_argument("--tokenizer", default="bytes")
-    p.add_argument("--cache-dir", default="")
+    p.add_argument("--tokenizer", default="bytes", help="bytes or a tiktoken encoding (gpt2, ...)")
+    p.add_argument("--cache-dir", default="", help="where token stores go (default: ~/.cache/gptjax)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_prepare)
 
-    p = sub.add_parser("train", help="train a model (no arguments: the quick start)")
-    p.add_argument("config", nargs="?", default=None, help="a preset or a .py config file")
+    p = sub.add_parser(
+        "train",
+        help="train a model (no arguments: the quick start)",
+        description="Train a run, or resume it from its latest checkpoint.",
+    )
+    p.add_argument("config", nargs="?", default=None, help=f"a preset ({presets}) or a .py config file")
     p.add_argument("overrides", nargs="*", help="section.field=value")
     p.add_argument("--run-dir", default="")
     p.add_argument("--stop-at", type=int, default=None, help="save and stop after this step (resume later)")
@@ -328,6 +366,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-memory", type=float, default=0, help="dry run: bytes per target device")
     p.add_argument("--json", action="store_true", help="dry run: print the report as JSON")
     p.add_argument("--target", default="", help="dry run: compile for a TPU slice with libtpu (v5e-16...)")
+    p.add_argument(
+        "--print-config", action="store_true", help="print the resolved config (the run's config.json), exit"
+    )
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("plan", help="choose mesh, remat and accumulation for a TPU slice (compiles it)")
@@ -347,17 +388,24 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_launch)
 
-    p = sub.add_parser("sample", help="generate text from a run's latest checkpoint")
+    p = sub.add_parser(
+        "sample",
+        help="generate text from a run's latest checkpoint",
+        formatter_class=_DefaultsFormatter,
+    )
     p.add_argument("run_dir", help="a run directory (or checkpoint) from gptjax train or import-hf")
-    p.add_argument("--prompt", default="")
-    p.add_argument("--prompt-file", default="")
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", default="", help="text to continue (empty: start from end-of-text)")
+    p.add_argument("--prompt-file", default="", help="read the prompt from this UTF-8 file instead")
+    p.add_argument("--num-samples", type=int, default=1, help="samples drawn from the prompt")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=None,
+        help="tokens generated per sample (default: 200, or what the model's context leaves)",
+    )  # fmt: skip
+    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 is greedy")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 disables")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus: the smallest set with this mass")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (sample i uses seed + i)")
     p.add_argument("--json", action="store_true", help="print prompts, texts, tokens and log-probabilities")
     p.set_defaults(func=_cmd_sample)
 
@@ -423,14 +471,21 @@ def _build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = _build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may follow options too (`train gpt2 --run-dir D model.n_layer=2`).
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     # A config name that looks like an override belongs to the overrides.
     if getattr(args, "config", None) and "=" in args.config:
         args.overrides = [args.config, *args.overrides]
         args.config = None
     keep_freed_memory()  # before JAX starts: XLA:CPU steps then run without page faults
-    if not args.debug:  # orbax's warnings and logged tracebacks would bury the one-line error
-        logging.getLogger("absl").setLevel(logging.CRITICAL)
+    if not args.debug:
+        quiet_libraries()
+    show_warnings_as_lines()
     try:
         return args.func(args)
     except GptjaxError as e:

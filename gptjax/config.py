@@ -263,6 +263,8 @@ class TrainConfig:
             GPT-2 imported with ``gptjax import-hf``); the optimizer starts fresh.
         max_bad_steps: Consecutive steps with a non-finite loss or gradient (each one
             skipped) after which the run stops, keeping its last good checkpoint.
+        wandb_project: Also log metrics to this Weights & Biases project (``pip install
+            wandb``; ``WANDB_MODE=offline`` writes them under the run directory); empty: off.
     """
 
     steps: int = 1000
@@ -278,6 +280,7 @@ class TrainConfig:
     peak_flops: float = 0.0
     init_from: str = ""
     max_bad_steps: int = 10
+    wandb_project: str = ""
 
     def __post_init__(self) -> None:
         _choices(self)

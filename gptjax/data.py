@@ -225,6 +225,11 @@ def _tfds_documents(cfg: DataConfig) -> tuple[dict[str, Iterator[str] | None], d
             f"set data.text_field to one of {features}"
         )
     download_config = tfds.download.DownloadConfig(manual_dir=cfg.tfds_manual_dir or None)
+    # TFDS retries a failed download 10 times with exponential backoff: offline, 214 s
+    # before its error. Three retries still ride out a transient failure, in about a second.
+    from tensorflow_datasets.core.download import downloader
+
+    downloader.MAX_RETRIES = min(downloader.MAX_RETRIES, 3)
     try:
         builder.download_and_prepare(download_config=download_config)
     except Exception as e:  # Network, checksum and manual-download errors come in many types.

@@ -9,3 +9,7 @@ stderr and exit code 2 instead of a traceback.
 
 class GptjaxError(ValueError):
     """A problem with the user's input that the message explains how to fix."""
+
+
+class GptjaxWarning(UserWarning):
+    """Something gptjax changed for the user, said once (the CLI prints it as one line)."""

@@ -316,7 +316,7 @@ def finetune(
         shardings = jax.tree.map(lambda a: a.sharding, setup.abstract_state.params)
         return state._replace(params=jax.device_put(grown, shardings))
 
-    def evaluate(setup, params, head):
+    def evaluate(setup, params, head, final=False):  # the whole validation split, always
         total_nll = correct = 0.0
         n = len(val_arrays["labels"])
         for batch in fdata.batches(val_arrays, np.arange(n), batch_size, pad=True):

@@ -216,6 +216,10 @@ def to_hf(model: GPT, path: str | Path, *, eos_token_id: int | None = None) -> P
         stale.unlink(missing_ok=True)
     temporary = directory / f".tmp-{os.getpid()}-model.safetensors"
     save_file(tensors, str(temporary), metadata={"format": "pt"})
+    # safetensors creates the file 0600; give it the mode every other file here gets (0644).
+    umask = os.umask(0)
+    os.umask(umask)
+    temporary.chmod(0o666 & ~umask)
     os.replace(temporary, directory / "model.safetensors")  # never a half-written file in place
     hf_config = {
         "architectures": ["GPT2LMHeadModel"],

@@ -8,8 +8,10 @@ from __future__ import annotations
 import functools
 import json
 import os
+import platform
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gptjax.errors import GptjaxError
 
@@ -38,7 +41,45 @@ PEAK_FLOPS: dict[str, dict[str, float]] = {
 
 
 @functools.cache
-def measured_cpu_peak(n: int = 1024, repeats: int = 10) -> float:
+def measured_cpu_peak() -> float:
+    """FLOP/s of a jitted float32 matmul on this machine's CPU, measured once and cached.
+
+    A probe at every start reads whatever load the machine has at that moment (0.106 and
+    0.199 TFLOP/s on one machine gave two runs at the same tokens/s MFUs of 36% and 21%),
+    so the first measurement is kept in ``$GPTJAX_CACHE_DIR`` (else ``~/.cache/gptjax``)
+    ``/cpu_peak_flops.json``, keyed by host, CPU model and core count; delete the file to
+    measure again.
+    """
+    path = Path(os.environ.get("GPTJAX_CACHE_DIR") or "~/.cache/gptjax").expanduser() / "cpu_peak_flops.json"
+    key = f"{platform.node()} | {_cpu_model()} | {os.cpu_count()} cores"
+    try:
+        known = json.loads(path.read_text())
+        if isinstance(known.get(key), float):
+            return known[key]
+    except (OSError, ValueError, AttributeError):
+        known = {}
+    peak = _matmul_probe()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps({**known, key: peak}, indent=1))
+        os.replace(temporary, path)
+    except OSError:  # a read-only home: measure again next time
+        pass
+    return peak
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _matmul_probe(n: int = 1024, repeats: int = 10) -> float:
     """FLOP/s of a jitted float32 matmul on the default CPU device (a short probe)."""
     a = jnp.ones((n, n), jnp.float32)
     matmul = jax.jit(lambda x: x @ x)
@@ -74,20 +115,34 @@ def peak_flops(dtype: str, configured: float = 0.0) -> tuple[float, str]:
 class MetricsLogger:
     """Writes metric rows to ``metrics.jsonl``, TensorBoard and the console (process 0)."""
 
-    def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int):
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        enabled: bool,
+        total_steps: int,
+        wandb_project: str = "",
+        config: dict | None = None,
+    ):
         self.enabled = enabled
         self.total_steps = total_steps
         self._jsonl = None
         self._tb = None
+        self._wandb = None
+        if enabled and wandb_project:
+            self._wandb = _start_wandb(run_dir, wandb_project, config)
+            print(f"gptjax: logging to W&B project {wandb_project}: {self._wandb.url or self._wandb.dir}")
         self._t0 = time.perf_counter()
+        self._origin: tuple[int, float] | None = None  # (step, time) the ETA is measured from
         self._bar = None
         if enabled and sys.stdout.isatty():
-            # A live bar under the log lines (rich redirects prints above it).
+            # A live bar under the log lines (rich redirects prints above it). Its columns fit
+            # 80 characters: "train ━━━━ 400/800 loss 2.1473 0:01:23".
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self._bar = Progress(
                 TextColumn("[bold]train"),
-                BarColumn(),
+                BarColumn(bar_width=24),
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[stats]}"),
                 TimeRemainingColumn(),
@@ -147,6 +202,10 @@ class MetricsLogger:
             self._jsonl.write(json.dumps(row) + "\n")
             if self._tb is not None:
                 self._tb.write(step, {k: v for k, v in row.items() if k != "step"})
+        if self._wandb is not None:
+            self._wandb.log(
+                {k: v for k, v in row.items() if k != "step" and isinstance(v, int | float)}, step=step
+            )
 
     def print(self, message: str) -> None:
         if self.enabled:
@@ -156,22 +215,46 @@ class MetricsLogger:
         if self.enabled:
             print(f"gptjax: warning: {message}", file=sys.stderr, flush=True)
 
+    def begin(self, step: int) -> None:
+        """The training loop starts (or resumes) at ``step``: the ETA counts from here."""
+        self._origin = (step, time.perf_counter())
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step)
+
+    def advance(self, step: int) -> None:
+        """Step ``step`` was dispatched: move the bar (every step, not only logged ones)."""
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step)
+
+    def eta(self, step: int) -> float | None:
+        """Seconds left at the rate since :meth:`begin` (None before any step is done)."""
+        if self._origin is None or step <= self._origin[0]:
+            return None
+        first, t = self._origin
+        return (time.perf_counter() - t) / (step - first) * (self.total_steps - step)
+
     def progress(self, step: int, row: dict[str, Any]) -> None:
-        """One console line per logged step: step, loss, throughput and MFU."""
+        """One console line per logged step: step, loss, throughput, MFU, elapsed and ETA."""
         if not self.enabled:
             return
         parts = [f"step {step:>{len(str(self.total_steps))}}/{self.total_steps}"]
         for key, fmt in (("loss", ".4f"), ("val_loss", ".4f"), ("lr", ".2e"), ("grad_norm", ".3f")):
             if key in row:
                 parts.append(f"{key} {row[key]:{fmt}}")
+        if "val_tokens" in row:  # which validation loss: the full pass, or the first tokens of it
+            scope = "full pass" if row.get("val_full_pass") else "first"
+            parts[-1] += f" ({scope} {row['val_tokens']:,} tokens)"
         if "tokens_per_sec" in row:
             parts.append(f"{row['tokens_per_sec']:,.0f} tok/s")
         if row.get("mfu"):
             parts.append(f"MFU {100 * row['mfu']:.1f}%")
         parts.append(f"{time.perf_counter() - self._t0:.0f}s")
+        eta = self.eta(step)
+        if eta is not None and step < self.total_steps and "loss" in row:
+            parts.append(f"eta {_clock(eta)}")
         print(" | ".join(parts), file=sys.stdout, flush=True)
-        if self._bar is not None:
-            self._bar.update(self._task, completed=step, stats=" | ".join(parts[1:-1]))
+        if self._bar is not None and "loss" in row:
+            self._bar.update(self._task, completed=step, stats=f"loss {row['loss']:.4f}")
 
     def close(self) -> None:
         if self._bar is not None:
@@ -182,6 +265,8 @@ class MetricsLogger:
                     writer.close()
             except OSError:  # already reported by the write that failed
                 pass
+        if self._wandb is not None:
+            self._wandb.finish()
 
 
 class _TensorBoard:
@@ -210,6 +295,39 @@ class _TensorBoard:
 
     def close(self) -> None:
         self._writer.close()
+
+
+def _start_wandb(run_dir: Path, project: str, config: dict | None):
+    """A Weights & Biases run for this run directory; a resumed run continues the same one."""
+    try:
+        import wandb
+    except ImportError:
+        raise GptjaxError(
+            f"train.wandb_project={project!r} needs wandb: pip install wandb (or gptjax[wandb])"
+        ) from None
+    id_file = run_dir / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id)
+    return wandb.init(
+        project=project, id=run_id, name=run_dir.name, dir=str(run_dir), config=config, resume="allow"
+    )
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def interval_mean(losses: list) -> float:
+    """The mean of a logging interval's per-step losses, skipped (non-finite) steps left out.
+
+    An interval whose every step was skipped reports its last loss (non-finite), so a
+    logged row never hides a bad step.
+    """
+    values = np.asarray(jax.device_get(losses), np.float64)
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else float(values[-1])
 
 
 def _plain(value: Any) -> Any:

@@ -325,15 +325,17 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def _main(argv: list[str]) -> dict[str, Any]:
-    """The subprocess of a dry run on more devices than are visible, or on a TPU target."""
-    config = Config.from_dict(json.loads(sys.stdin.read()))
-    if argv[:1] != ["--target"]:
-        return _analyse(config)
-    from gptjax import targets
+    """The subprocess of a dry run on more devices than are visible, or on a TPU target.
 
+    A user error (the config does not suit the mesh) comes back as ``{"error": message}``.
+    """
     try:
-        devices = targets.tpu_devices(targets.parse_target(argv[1]))
-        return _analyse(config, devices)
+        config = Config.from_dict(json.loads(sys.stdin.read()))
+        if argv[:1] != ["--target"]:
+            return _analyse(config)
+        from gptjax import targets
+
+        return _analyse(config, targets.tpu_devices(targets.parse_target(argv[1])))
     except GptjaxError as e:
         return {"error": str(e)}
 

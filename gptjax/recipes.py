@@ -12,6 +12,7 @@ import importlib.util
 import math
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,7 +25,7 @@ from gptjax.config import (
     SampleConfig,
     TrainConfig,
 )
-from gptjax.errors import GptjaxError
+from gptjax.errors import GptjaxError, GptjaxWarning
 
 # --------------------------------------------------------------------------------------
 # Presets
@@ -178,8 +179,41 @@ def apply_overrides(config: Config, overrides: list[str] | tuple[str, ...]) -> C
             known = ", ".join(f.name for f in dataclasses.fields(_SECTIONS[section]))
             raise GptjaxError(f"unknown config key {key!r}; {section} has: {known}")
         changes.setdefault(section, {})[field_name] = _parse_value(key, raw, hints[field_name])
+    _implied_changes(config, changes)
     new_sections = {s: dataclasses.replace(getattr(config, s), **kw) for s, kw in changes.items()}
     return dataclasses.replace(config, name=name, **new_sections)
+
+
+def _implied_changes(config: Config, changes: dict[str, dict[str, Any]]) -> None:
+    """What the user's overrides imply for the fields they did not set (edits ``changes``).
+
+    - A mesh axis set to -1 takes the rest of the devices: the preset's own -1 becomes 1
+      (``gpt2 mesh.fsdp=-1`` is FSDP over every device, not an error).
+    - A new tokenizer brings its vocabulary size unless ``model.vocab_size`` is given.
+    - Fewer steps than the warmup shorten it to a tenth of the run, with a warning (the
+      schedule still decays), unless ``optim.warmup_steps`` is given too (then the
+      config's check names both).
+    """
+    from gptjax.tokenizer import known_vocab_size
+
+    mesh = changes.get("mesh", {})
+    if -1 in mesh.values():
+        for axis in ("data", "fsdp", "tensor"):
+            if axis not in mesh and getattr(config.mesh, axis) == -1:
+                mesh[axis] = 1
+    tokenizer = changes.get("data", {}).get("tokenizer")
+    vocab = known_vocab_size(tokenizer) if tokenizer else None
+    if vocab is not None and "vocab_size" not in changes.get("model", {}):
+        changes.setdefault("model", {})["vocab_size"] = vocab
+    steps = changes.get("train", {}).get("steps", config.train.steps)
+    if "warmup_steps" not in changes.get("optim", {}) and config.optim.warmup_steps > steps >= 1:
+        changes.setdefault("optim", {})["warmup_steps"] = steps // 10
+        warnings.warn(
+            f"optim.warmup_steps ({config.optim.warmup_steps}) is longer than training "
+            f"(train.steps = {steps}): shortened to {steps // 10} steps, a tenth of the run",
+            GptjaxWarning,
+            stacklevel=3,
+        )
 
 
 def _parse_value(key: str, raw: str, annotation: Any) -> Any:

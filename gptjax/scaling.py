@@ -667,7 +667,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     ax_loss.plot(list(tr), [r["loss"] for r in tr.values()], label="train", lw=1)
     if ev:
         ax_loss.plot(list(ev), [r["val_loss"] for r in ev.values()], "o-", label="validation")
-    ax_loss.set(xlabel="step", ylabel="loss (nats/token)", title=f"loss: {run_dir.name}")
+    ax_loss.set(xlabel="step", ylabel="loss (nats/token)", title=f"loss: {_run_point(run_dir)}")
     ax_loss.legend()
     ax_lr.plot(list(tr), [r["lr"] for r in tr.values()])
     ax_lr.set(xlabel="step", ylabel="learning rate", title="learning rate")
@@ -696,14 +696,29 @@ def plot_sweep(sweep_dir: str | Path, out_dir: str | Path | None = None) -> list
     ax.legend(fontsize=8)
     paths.append(_save(fig, out / "loss_vs_params.png", plt))
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    import matplotlib
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    # Training curves coloured by model size (a colour bar, not 12 unlabelled lines).
+    sizes = [r["params_non_embedding"] for r in rows]
+    norm = matplotlib.colors.LogNorm(min(sizes), max(sizes) * 1.0001)
+    cmap = matplotlib.colormaps["viridis"]
     for r in rows:
         tr = _metrics(sweep_dir / "runs" / r["hash"])["train"]
         per_step = r["tokens"] / r["steps"]
         c = [6.0 * r["params_non_embedding"] * per_step * s for s in tr]
-        ax.plot(c, [v["loss"] for v in tr.values()], lw=0.7, alpha=0.5)
+        ax.plot(
+            c,
+            [v["loss"] for v in tr.values()],
+            lw=0.8,
+            alpha=0.7,
+            color=cmap(norm(r["params_non_embedding"])),
+        )
+    fig.colorbar(
+        matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="non-embedding parameters N"
+    )
+    _draw_law(ax, fits.get("L(C)"), [r["flops"] for r in rows], "frontier L(C)")  # under the points
     ax.plot([r["flops"] for r in rows], [r["val_loss"] for r in rows], "ko", ms=4, label="final val loss")
-    _draw_law(ax, fits.get("L(C)"), [r["flops"] for r in rows], "frontier L(C)")
     ax.set(xscale="log", yscale="log", xlabel="compute C = 6ND (FLOPs)", ylabel="loss")
     ax.set_title("loss against compute (lines: training loss)")
     ax.legend(fontsize=8)
@@ -736,7 +751,26 @@ def _draw_law(ax, fit: dict | None, xs: list[float], label: str) -> None:
             label=f"{label}: alpha = {p['alpha']:.3f} [{lo:.3f}, {hi:.3f}]")  # fmt: skip
 
 
+def _run_point(run_dir: Path) -> str:
+    """A run's title: its size and tokens (a sweep run's directory name is only a hash)."""
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+        m, t = config["model"], config["train"]
+        tokens = t["steps"] * t["batch_size"] * m["block_size"]
+        return f"{run_dir.name}: {m['n_layer']} layers x {m['n_embd']}, {tokens:,} tokens"
+    except (OSError, ValueError, KeyError, TypeError):
+        return run_dir.name
+
+
 def _save(fig, path: Path, plt) -> Path:
+    # Loss axes on a log scale span less than a decade: label them 2, 3, 4 rather than
+    # only the minor ticks' 3x10^0, 4x10^0.
+    from matplotlib.ticker import FormatStrFormatter
+
+    for ax in fig.axes:
+        if ax.get_yscale() == "log" and "loss" in ax.get_ylabel():
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -44,7 +44,8 @@ class Task(NamedTuple):
             weights), or None.
         batches: ``batch(step)`` and ``prefetch(start, stop, depth)`` as
             :class:`gptjax.data.TrainBatches`: this process's batch (a pytree) at a step.
-        evaluate: ``(setup, params, head) -> {"val_...": value}``.
+        evaluate: ``(setup, params, head, final=False) -> {"val_...": value}``; ``final``
+            at the end of a run (a full pass where the periodic one is partial).
         after_eval: ``(step, val metrics) -> True to stop there`` (early stopping), or None.
         best: ``val metrics -> sort key`` (lowest is best) of the checkpoint kept as best,
             or None for the lowest ``val_loss``.

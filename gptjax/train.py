@@ -31,7 +31,7 @@ from gptjax.checkpoint import Checkpointer
 from gptjax.config import Config, flops_per_token
 from gptjax.errors import GptjaxError
 from gptjax.host import keep_freed_memory
-from gptjax.metrics import MetricsLogger, StepTimer, peak_flops, peak_memory
+from gptjax.metrics import MetricsLogger, StepTimer, interval_mean, peak_flops, peak_memory
 from gptjax.model import GPT
 from gptjax.model import abstract as model_abstract
 from gptjax.optim import keep_moments, lr_schedule, make_optimizer, weight_decay_mask  # noqa: F401
@@ -80,7 +80,9 @@ def language_model(config: Config, dataset: data_lib.Dataset | None = None) -> T
     bytes_per_token = val_bytes / max(len(dataset.val) - 1, 1) if val_bytes else None
     return task._replace(
         batches=batches,
-        evaluate=lambda setup, params, head: evaluate(setup, params, dataset.val, config, bytes_per_token),
+        evaluate=lambda setup, params, head, final=False: evaluate(
+            setup, params, dataset.val, config, bytes_per_token, full=final
+        ),
         tokens_per_step=tc.batch_size * seq,
         meta={"tokenizer": dataset.tokenizer.name},
         tokenizer=dataset.tokenizer,
@@ -110,9 +112,11 @@ def build(config: Config, mesh: jax.sharding.Mesh | None = None, task: Task | No
     dp = sharding.data_parallel_size(mesh)
     micro = config.train.batch_size // config.optim.accum_steps
     if micro % dp:
+        fits = -(-micro // dp) * dp * config.optim.accum_steps  # the next batch size that divides
         raise GptjaxError(
             f"batch size per micro-batch ({micro} = train.batch_size {config.train.batch_size} / "
-            f"optim.accum_steps {config.optim.accum_steps}) must be divisible by data x fsdp = {dp}"
+            f"optim.accum_steps {config.optim.accum_steps}) must be divisible by data x fsdp = {dp}: "
+            f"set train.batch_size={fits}, or use fewer devices"
         )
     if config.model.n_head % mesh.shape["tensor"]:
         raise GptjaxError(
@@ -164,8 +168,20 @@ def build(config: Config, mesh: jax.sharding.Mesh | None = None, task: Task | No
     return Setup(mesh, graphdef, abstract_state, jax.jit(init, out_shardings=state_sh), train_step, eval_step)
 
 
-def evaluate(setup: Setup, params, val_tokens: np.ndarray, config: Config, bytes_per_token: float | None):
-    """A full pass (or ``eval_max_batches`` batches) over the validation tokens."""
+def evaluate(
+    setup: Setup,
+    params,
+    val_tokens: np.ndarray,
+    config: Config,
+    bytes_per_token: float | None,
+    *,
+    full: bool = False,
+):
+    """``eval_max_batches`` batches of the validation tokens, or a full pass (``full`` or 0).
+
+    ``val_tokens`` in the result counts the tokens scored and ``val_full_pass`` says
+    whether they were all of them.
+    """
     from gptjax.evaluate import nll_sum
 
     total, count = nll_sum(
@@ -174,11 +190,12 @@ def evaluate(setup: Setup, params, val_tokens: np.ndarray, config: Config, bytes
         val_tokens,
         seq_len=config.model.block_size,
         batch_size=config.train.batch_size // config.optim.accum_steps,
-        max_batches=config.train.eval_max_batches,
+        max_batches=0 if full else config.train.eval_max_batches,
         mesh=setup.mesh,
     )
     loss = total / max(count, 1.0)
-    out = {"val_loss": loss, "val_perplexity": math.exp(min(loss, 80.0))}
+    out = {"val_loss": loss, "val_perplexity": math.exp(min(loss, 80.0)), "val_tokens": int(count)}
+    out["val_full_pass"] = int(count) >= len(val_tokens) - 1
     if bytes_per_token:
         out["val_bits_per_byte"] = total / (math.log(2) * count * bytes_per_token)
     return out
@@ -234,7 +251,13 @@ def train(
             task = language_model(config, dataset)
         setup = build(config, mesh, task)
         ckpt = Checkpointer(run_dir / "checkpoints", keep=config.train.keep_checkpoints, best=task.best)
-        logger = MetricsLogger(run_dir, enabled=is_main, total_steps=config.train.steps)
+        logger = MetricsLogger(
+            run_dir,
+            enabled=is_main,
+            total_steps=config.train.steps,
+            wandb_project=config.train.wandb_project,
+            config=config.to_dict(),
+        )
         try:
             return _run(config, run_dir, task, setup, ckpt, logger, stop_at, batch_hook, stop)
         finally:
@@ -315,10 +338,12 @@ def _run(config, run_dir, task: Task, setup, ckpt, logger, stop_at, batch_hook, 
         compiled = setup.train_step.lower(state, _global_batch(batches.batch(start), setup.mesh)).compile()
         compile_time = time.perf_counter() - t_compile
         logger.print(f"gptjax: train step compiled in {compile_time:.1f}s")
-        logger.write(start, {"compile_time": compile_time})
+        logger.write(start, {"compile_time": compile_time, "peak_flops": peak})  # the MFUs' denominator
         timer = StepTimer()
         bad_run = skipped_total = 0
         pending = None  # the previous step's metrics: read one step late to keep a step in flight
+        interval_losses = []  # this logging interval's losses (device scalars), averaged when logged
+        logger.begin(start)
         stream = batches.prefetch(start, tc.steps, config.data.prefetch)
         with stop:  # held since train() started; entering again changes nothing
             for step, local in timer.wait(stream):
@@ -336,8 +361,11 @@ def _run(config, run_dir, task: Task, setup, ckpt, logger, stop_at, batch_hook, 
                         )
                 pending = step_metrics
                 done = step + 1
+                interval_losses.append(step_metrics["loss"])
+                logger.advance(done)
                 if done % tc.log_every == 0 or done == tc.steps:
                     metrics = {k: float(v) for k, v in step_metrics.items()}  # waits for the step
+                    metrics["loss"], interval_losses = interval_mean(interval_losses), []
                     metrics.update(timer.rates(done - start, task.tokens_per_step, flops, peak * n_devices))
                     metrics["skipped_total"] = skipped_total + int(metrics["skipped"])
                     logger.write(done, metrics)
@@ -372,8 +400,8 @@ def _run(config, run_dir, task: Task, setup, ckpt, logger, stop_at, batch_hook, 
         logger.write(int(state.step), peak_memory())
     final_step = int(state.step)
     if not interrupted:
-        if last_eval != final_step:
-            ev = task.evaluate(setup, state.params, state.head)
+        if last_eval != final_step:  # the run's final number is a full pass, as `gptjax eval`'s
+            ev = task.evaluate(setup, state.params, state.head, final=True)
             metrics.update(ev)
             logger.write(final_step, ev)
             logger.progress(final_step, ev)

@@ -60,7 +60,8 @@ ROWS = [
     ("info-zero-layers", ["info", "nano", "model.n_layer=0"], "n_layer (0) must be >= 1"),
     ("info-negative-width", ["info", "nano", "model.n_embd=-32"], "n_embd (-32) must be >= 1"),
     ("info-indivisible-heads", ["info", "nano", "model.n_head=3"], "must be divisible by n_head (3)"),
-    ("info-vocab-too-small", ["info", "nano", "data.tokenizer=gpt2"], "smaller than tokenizer"),
+    ("info-vocab-too-small", ["info", "nano", "data.tokenizer=gpt2", "model.vocab_size=300"],
+     "smaller than tokenizer"),
     ("info-unknown-option", ["info", "nano", "--bogus"], "unrecognized arguments: --bogus"),
     # prepare: missing, empty, binary and undecodable data
     ("prepare-missing-source", ["prepare", "--data", "{tmp}/nowhere"], "does not exist"),

@@ -30,7 +30,7 @@ INVALID_OVERRIDES = [
     (["model.layer_norm_epsilon=0"], "layer_norm_epsilon"),
     (["model.position=rope", "model.n_embd=30", "model.n_head=2"], "n_embd/n_head"),
     (["model.vocab_size=200"], "vocab_size"),  # the byte tokenizer needs 257
-    (["data.tokenizer=gpt2"], "vocab_size"),  # 257 rows cannot hold gpt2's 50257 tokens
+    (["data.tokenizer=gpt2", "model.vocab_size=300"], "vocab_size"),  # 300 rows cannot hold 50257 tokens
     (["optim.warmup_steps=801"], "warmup_steps"),  # quickstart trains for 800 steps
     (["optim.lr=0"], "lr"),
     (["optim.min_lr=1"], "min_lr"),  # above lr
