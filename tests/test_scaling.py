@@ -239,7 +239,7 @@ def fake_train(monkeypatch):
     def train(config, *, mesh=None, stop_at=None):
         calls.append(config.train.run_dir)
         run_dir = Path(config.train.run_dir)
-        run_dir.mkdir(parents=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
         loss = 3.0 - 0.1 * config.model.n_layer + (0.5 if config.optim.lr < 2e-3 else 0.0)
         (run_dir / "result.json").write_text(
             json.dumps({"step": config.train.steps, "loss": loss, "val_loss": loss + 0.1})
@@ -304,7 +304,7 @@ def chinchilla_train(monkeypatch):
 
     def train(config, *, mesh=None, stop_at=None):
         run_dir = Path(config.train.run_dir)
-        run_dir.mkdir(parents=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
         n = param_counts(config.model)["non_embedding"]
         tokens_per_step = config.train.batch_size * config.model.block_size
         loss = _E + _A / n**_ALPHA + _B / (config.train.steps * tokens_per_step) ** _BETA
