@@ -152,7 +152,7 @@ def base(name, steps=20, checkpoint_every=0, log_every=5):
         data=DataConfig(source="stdlib", tokenizer="bytes"),
         optim=OptimConfig(warmup_steps=2),
         train=TrainConfig(batch_size=8, steps=steps, log_every=log_every, eval_every=0,
-                          eval_max_batches=2, checkpoint_every=checkpoint_every),
+                          eval_max_batches=2, checkpoint_every=checkpoint_every, peak_flops=1e12),
         sample=SampleConfig(num_samples=0, max_new_tokens=2),
     )
 """
@@ -250,27 +250,31 @@ def test_cancelled_task_resumes_on_resubmission_with_the_uninterrupted_loss(job_
 @pytest.mark.slow
 def test_time_limit_signal_saves_requeues_and_completes(job_env, capsys):
     """One training job (gptjax submit) with a one-minute limit and USR1 30 s before it:
-    it saves, requeues itself, and the requeued job resumes and finishes. SLURM holds a
-    requeued job for two minutes before it may start; the test lifts that hold."""
+    it saves, requeues itself, and the requeued job resumes and finishes. SLURM checks
+    time limits every 30 s, so USR1 comes 30-60 s after the start: the run is long enough
+    (12,000 nano steps) to be mid-training then. SLURM holds a requeued job for two minutes
+    before it may start; the test lifts that hold and gives the resumed job ten minutes."""
     config = _config_file(job_env / "long.py", steps=12000, log_every=1000)
     argv = ["submit", str(config), "train.run_dir=long", "--time", "1", "--signal-seconds", "30"]
     assert cli.main(argv) == 0
     job = capsys.readouterr().out.split()[2]
     script = (job_env / "long" / "submit.sbatch").read_text()
     assert "#SBATCH --signal=B:USR1@30" in script and "#SBATCH --time=1" in script
-    deadline = time.time() + 600
+    deadline, released = time.time() + 600, 0
     while time.time() < deadline and not _queue_empty():
         info = _run(["scontrol", "show", "job", job])
         if "JobState=PENDING" in info and "Reason=BeginTime" in info:
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now", "TimeLimit=10"], check=True)
+            released += 1
         time.sleep(1)
     assert _queue_empty(), "the job did not complete"
-    result = json.loads((job_env / "long" / "result.json").read_text())
-    assert result["step"] == 12000
+    assert released == 1 and "Restarts=1" in _run(["scontrol", "show", "job", job])
+    assert json.loads((job_env / "long" / "result.json").read_text())["step"] == 12000
     out = (job_env / "long" / f"slurm-{job}.out").read_text()
-    assert "time limit near; saved, requeueing job" in out and "stop requested; saved step" in out
-    losses = _train_losses(job_env / "long")
-    assert sorted(losses) == list(range(1000, 12001, 1000))
+    assert "stop requested; saved step" in out and "time limit near; saved, requeueing job" in out
+    saved = int(out.split("stop requested; saved step ")[1].split(",")[0])
+    assert 0 < saved < 12000 and f"from step {saved}" in out  # resumed where it saved
+    assert sorted(_train_losses(job_env / "long")) == list(range(1000, 12001, 1000))
 
 
 def test_two_task_srun_job_gives_the_one_process_losses(job_env, capsys):

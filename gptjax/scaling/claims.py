@@ -64,7 +64,9 @@ def latest(run_dir: str | Path) -> dict[str, Any] | None:
 def alive(claim: dict[str, Any], queue: dict[str, dict] | None = None) -> bool:
     """Whether a claim's owner may still be training: its SLURM job is in the queue (or
     the queue cannot be read: assume so, never train a run twice), or its local process
-    is the same process and still runs."""
+    is the same process and still runs. A released claim is dead."""
+    if "ended" in claim:
+        return False
     if "job" in claim:
         state = job_state(claim["job"], queue)
         return state is None or state in LIVE_STATES
@@ -89,16 +91,19 @@ def job_state(job: str, queue: dict[str, dict] | None = None) -> str | None:
     return out.stdout.strip().splitlines()[0] if out.stdout.strip() else ""
 
 
-def claim(run_dir: str | Path, owner: dict[str, Any] | None = None) -> dict[str, Any] | None:
+def claim(
+    run_dir: str | Path, owner: dict[str, Any] | None = None, queue: dict[str, dict] | None = None
+) -> dict[str, Any] | None:
     """Claim ``run_dir`` for ``owner`` (default: this process); the claim, or None when a
-    live owner holds it. A SLURM job re-claims what it claimed before a requeue."""
+    live owner holds it. A SLURM job re-claims what it claimed before a requeue. ``queue``:
+    as for :func:`alive` (None: ask squeue)."""
     owner = owner or me()
     directory = Path(run_dir) / CLAIMS
     directory.mkdir(parents=True, exist_ok=True)
     for _ in range(100):
         held = latest(run_dir)
         mine = held is not None and "job" in owner and held.get("job") == owner["job"]
-        if held is not None and not mine and alive(held):
+        if held is not None and not mine and alive(held, queue):
             return None
         n = held["n"] + 1 if held else 1
         try:
@@ -110,6 +115,16 @@ def claim(run_dir: str | Path, owner: dict[str, Any] | None = None) -> dict[str,
             json.dump(owner, f)
         return {"n": n, **owner}
     return None
+
+
+def release(run_dir: str | Path, held: dict[str, Any]) -> None:
+    """Mark a claim ended (its owner is done with the run, whatever the outcome). A SLURM
+    task's claim needs no release: its job leaving the queue ends it."""
+    path = Path(run_dir) / CLAIMS / f"{held['n']}.json"
+    record = {k: v for k, v in held.items() if k != "n"}
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({**record, "ended": time.time()}))
+    tmp.replace(path)
 
 
 def clear_partial(run_dir: str | Path) -> None:

@@ -158,7 +158,7 @@ class _Progress:
 
     def __init__(self, runs: list[Run], todo: list[Run], sweep_dir: Path, parallel: int):
         self.total, self.todo, self.started, self.times = len(runs), len(todo), {}, []
-        self.parallel = parallel
+        self.parallel, self.completed = parallel, 0
         self.index = {r.hash: i + 1 for i, r in enumerate(runs)}
         self.lock = threading.Lock()
         print(f"gptjax sweep: {len(runs)} runs in {sweep_dir}, {len(runs) - len(todo)} finished", flush=True)
@@ -172,9 +172,10 @@ class _Progress:
     def done(self, run: Run, status: str) -> None:
         with self.lock:
             spent = time.perf_counter() - self.started.pop(run.hash)
+            self.completed += 1
             if status == "finished":
                 self.times.append(spent)
-            left = self.todo - len(self.times)
+            left = self.todo - self.completed
             eta = sum(self.times) / len(self.times) * left / self.parallel if self.times and left else 0.0
         tail = f"; ETA {eta / 60:.1f} min for {left} more" if eta else ""
         k = self.index[run.hash]

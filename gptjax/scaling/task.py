@@ -41,7 +41,8 @@ def train_run(run: Run, *, mesh=None, claim: bool = True) -> str:
     run_dir = Path(run.config.train.run_dir)
     if finished(run):
         return "skipped"
-    if claim and claims.claim(run_dir) is None:
+    held = claims.claim(run_dir) if claim else None
+    if claim and held is None:
         print(f"gptjax sweep: run {run.hash} is claimed by a live job; left alone", flush=True)
         return "skipped"
     claims.clear_partial(run_dir)
@@ -57,6 +58,8 @@ def train_run(run: Run, *, mesh=None, claim: bool = True) -> str:
         timing = run_dir / "timing.json"
         spent = json.loads(timing.read_text())["wall_time_s"] if timing.exists() else 0.0
         timing.write_text(json.dumps({"wall_time_s": spent + time.perf_counter() - t0}))
+    if held is not None and "job" not in held:
+        claims.release(run_dir, held)
     return status
 
 
