@@ -3,7 +3,6 @@ per budget, loss against compute with the fitted frontier, IsoFLOP curves)."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import numpy as np
 
 from gptjax.errors import GptjaxError
 from gptjax.scaling.fits import PLOTS_HINT, fit_sweep
-from gptjax.scaling.results import table
+from gptjax.scaling.results import metrics, table
 
 
 def _figure(**kw):
@@ -23,24 +22,10 @@ def _figure(**kw):
     return Figure(**kw)
 
 
-def _metrics(run_dir: Path) -> dict[str, dict[int, dict]]:
-    """Train and eval rows of a run by step (a resumed run's re-logged steps: the last wins)."""
-    train_rows: dict[int, dict] = {}
-    eval_rows: dict[int, dict] = {}
-    path = run_dir / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # the last line of a process killed mid-write
-            continue
-        (train_rows if "loss" in row else eval_rows if "val_loss" in row else {})[row["step"]] = row
-    return {"train": dict(sorted(train_rows.items())), "eval": dict(sorted(eval_rows.items()))}
-
-
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """``run.png``: training and validation loss, and the learning rate, against step."""
     run_dir = Path(run_dir)
-    rows = _metrics(run_dir)
+    rows = metrics(run_dir)
     if not rows["train"]:
         raise GptjaxError(f"{str(run_dir)!r} has no metrics.jsonl rows: give a run that has trained")
     out = Path(out_dir or run_dir / "plots")
@@ -85,7 +70,7 @@ def plot_sweep(sweep_dir: str | Path, out_dir: str | Path | None = None) -> list
     fig = _figure(figsize=(6.5, 4.5))
     ax = fig.subplots()
     for r in rows:
-        tr = _metrics(sweep_dir / "runs" / r["hash"])["train"]
+        tr = metrics(sweep_dir / "runs" / r["hash"])["train"]
         per_step = r["tokens"] / r["steps"]
         c = [6.0 * r["params_non_embedding"] * per_step * s for s in tr]
         ax.plot(c, [v["loss"] for v in tr.values()], lw=0.7, alpha=0.5)

@@ -70,17 +70,25 @@ def run_state(run: Run, queue: dict[str, dict] | None = None, waiting: dict[str,
             "loss": loss, "job": job, "elapsed_s": elapsed, "point": run.point}  # fmt: skip
 
 
-def _last_logged(run_dir: Path) -> tuple[int, float]:
-    step, loss = 0, math.nan
+def metrics(run_dir: Path) -> dict[str, dict[int, dict]]:
+    """Train and eval rows of a run by step (a resumed run's re-logged steps: the last wins)."""
+    train_rows: dict[int, dict] = {}
+    eval_rows: dict[int, dict] = {}
     path = run_dir / "metrics.jsonl"
     for line in path.read_text().splitlines() if path.exists() else []:
         try:
             row = json.loads(line)
         except json.JSONDecodeError:  # the last line of a process killed mid-write
             continue
-        if "loss" in row:
-            step, loss = row["step"], row["loss"]
-    return step, loss
+        (train_rows if "loss" in row else eval_rows if "val_loss" in row else {})[row["step"]] = row
+    return {"train": dict(sorted(train_rows.items())), "eval": dict(sorted(eval_rows.items()))}
+
+
+def _last_logged(run_dir: Path) -> tuple[int, float]:
+    """The step and loss of the newest training row (0, nan before the first)."""
+    rows = metrics(run_dir)["train"]
+    step = max(rows, default=0)
+    return step, rows[step]["loss"] if rows else math.nan
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
