@@ -190,6 +190,13 @@ def test_sweep_job_array_finishes_and_resubmitting_submits_nothing(job_env, caps
     script = (sweep_dir / "slurm" / "sweep.sbatch").read_text()
     assert "#SBATCH --array=0-3" in script and "#SBATCH --signal=B:USR1@120" in script
     assert "#SBATCH --time=10" in script and "--requeue" in script
+    # While it runs: every run is queued or running (or done), and resubmitting adds nothing.
+    assert cli.main([*args, "--status"]) == 0
+    early = capsys.readouterr().out
+    print(early)
+    assert {line.split()[1] for line in early.splitlines()[1:5]} <= {"queued", "running", "finished"}
+    assert cli.main([*args, "--slurm"]) == 0
+    assert "nothing to submit" in capsys.readouterr().out
     _wait(_queue_empty, 300, "the array to finish")
 
     assert cli.main([*args, "--status"]) == 0
@@ -249,19 +256,21 @@ def test_cancelled_task_resumes_on_resubmission_with_the_uninterrupted_loss(job_
 
 @pytest.mark.slow
 def test_time_limit_signal_saves_requeues_and_completes(job_env, capsys):
-    """One training job (gptjax submit) with a one-minute limit and USR1 30 s before it:
+    """One training job (gptjax submit) with a two-minute limit and USR1 60 s before it:
     it saves, requeues itself, and the requeued job resumes and finishes. SLURM checks
-    time limits every 30 s, so USR1 comes 30-60 s after the start: the run is long enough
-    (12,000 nano steps) to be mid-training then. SLURM holds a requeued job for two minutes
-    before it may start: the test lifts that hold, and once a save happened gives the
-    resumed job ten minutes (a USR1 that came before training started, on a loaded machine,
-    requeues with nothing to save: that job keeps its one minute)."""
-    config = _config_file(job_env / "long.py", steps=12000, log_every=1000)
-    argv = ["submit", str(config), "train.run_dir=long", "--time", "1", "--signal-seconds", "30"]
+    time limits every 30 s and signals at the check before the due time, so USR1 comes
+    30-60 s after the start: the run is long enough (16,000 nano steps) to be mid-training
+    then. SLURM holds a requeued job for two minutes before it may start: the test lifts
+    that hold, and once a save happened gives the resumed job ten minutes (a USR1 that
+    came before training started, on a loaded machine, requeues with nothing to save:
+    that job keeps its limit)."""
+    config = _config_file(job_env / "long.py", steps=16000, log_every=2000)
+    argv = ["submit", str(config), "train.run_dir=long", "--time", "2", "--signal-seconds", "60"]
     assert cli.main(argv) == 0
-    job = capsys.readouterr().out.split()[2]
+    job = capsys.readouterr().out.split()[3]
+    assert job.isdigit(), job
     script = (job_env / "long" / "submit.sbatch").read_text()
-    assert "#SBATCH --signal=B:USR1@30" in script and "#SBATCH --time=1" in script
+    assert "#SBATCH --signal=B:USR1@60" in script and "#SBATCH --time=2" in script
     log, deadline, released = job_env / "long" / f"slurm-{job}.out", time.time() + 900, 0
     while time.time() < deadline and not _queue_empty():
         info = _run(["scontrol", "show", "job", job])
@@ -273,12 +282,12 @@ def test_time_limit_signal_saves_requeues_and_completes(job_env, capsys):
         time.sleep(1)
     assert _queue_empty(), "the job did not complete"
     assert released >= 1 and f"Restarts={released}" in _run(["scontrol", "show", "job", job])
-    assert json.loads((job_env / "long" / "result.json").read_text())["step"] == 12000
+    assert json.loads((job_env / "long" / "result.json").read_text())["step"] == 16000
     out = log.read_text()
     assert "stop requested; saved step" in out and "time limit near; saved, requeueing job" in out
     saved = int(out.split("stop requested; saved step ")[-1].split(",")[0])
-    assert 0 < saved < 12000 and f"from step {saved}" in out  # resumed where it saved
-    assert sorted(_train_losses(job_env / "long")) == list(range(1000, 12001, 1000))
+    assert 0 < saved < 16000 and f"from step {saved}" in out  # resumed where it saved
+    assert sorted(_train_losses(job_env / "long")) == list(range(2000, 16001, 2000))
 
 
 def test_two_task_srun_job_gives_the_one_process_losses(job_env, capsys):

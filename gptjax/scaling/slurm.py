@@ -110,7 +110,8 @@ def _script(header: list[str], directives: list[str], body: list[str], requeue_c
     the training command) run with USR1 -> save and requeue, TERM -> save and stop."""
     return "\n".join(
         ["#!/bin/bash", *(f"# {line}" for line in header), *(f"#SBATCH {d}" for d in directives),
-         "set -u", *_environment(), f"PYTHON={shlex.quote(sys.executable)}", *body,
+         "set -u", *_environment(), "export PYTHONUNBUFFERED=1  # the log shows progress as it happens",
+         f"PYTHON={shlex.quote(sys.executable)}", *body,
          "requeue=0", "child=",
          "# USR1 (the time limit is near): save, then requeue this job; TERM: save and stop.",
          """trap 'requeue=1; [ -n "$child" ] && kill -TERM "$child" 2>/dev/null' USR1""",
@@ -148,14 +149,16 @@ def array_script(sweep_name: str, sweep_dir: Path, runs: list[Run], options: Slu
         f"--job-name=gptjax-{sweep_name}", f"--array=0-{len(runs) - 1}", f"--comment={COMMENT}{sweep_dir}",
         f"--output={sweep_dir}/slurm/%A_%a.out", f"--chdir={Path.cwd()}", *options.directives(),
     ]  # fmt: skip
-    train = _train_command(["-m", "gptjax.scaling.task", "--no-claim", str(sweep_dir)], options.ntasks)
-    body = [
-        f"RUNS=({' '.join(r.hash for r in runs)})",
-        'RUN="${RUNS[$SLURM_ARRAY_TASK_ID]}"',
-        "# Claim the run (exit 3: finished, or a live job trains it), then train it.",
-        f'"$PYTHON" -m gptjax.scaling.task --claim-only {shlex.quote(str(sweep_dir))} "$RUN" || exit 0',
-        f'TRAIN=({_words(train)} "$RUN")',
-    ]
+    task = ["-m", "gptjax.scaling.task", str(sweep_dir)]
+    body = [f"RUNS=({' '.join(r.hash for r in runs)})", 'RUN="${RUNS[$SLURM_ARRAY_TASK_ID]}"']
+    if options.ntasks == 1:  # the task claims the run itself: exits 0 if finished or held
+        body.append(f'TRAIN=({_words(_train_command(task, 1))} "$RUN")')
+    else:  # claim once here, then every process trains
+        body += [
+            "# Claim the run (exit 3: finished, or a live job trains it), then train it.",
+            f'{_words(["$PYTHON", *task[:2], "--claim-only", task[2]])} "$RUN" || exit 0',
+            f'TRAIN=({_words(_train_command([*task[:2], "--no-claim", task[2]], options.ntasks))} "$RUN")',
+        ]
     return _script(header, directives, body, "75")
 
 
