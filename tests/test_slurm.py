@@ -5,6 +5,7 @@ installs ``slurm-wlm`` and ``munge``).
 
 Every job trains a nano model for tens of steps on one CPU device per process."""
 
+import contextlib
 import getpass
 import json
 import os
@@ -92,9 +93,7 @@ def slurm(tmp_path_factory):
         yield root
     finally:
         subprocess.run(["scancel", "-u", getpass.getuser()], capture_output=True)
-        for pidfile in (root / "slurmd.pid", root / "slurmctld.pid"):
-            if pidfile.exists():
-                _stop(int(pidfile.read_text()))
+        _stop([int(p.read_text()) for p in (root / "slurmd.pid", root / "slurmctld.pid") if p.exists()])
         subprocess.run(["munged", "--stop", f"--socket={sock}"], capture_output=True)
         if saved is None:
             os.environ.pop("SLURM_CONF", None)
@@ -102,13 +101,12 @@ def slurm(tmp_path_factory):
             os.environ["SLURM_CONF"] = saved
 
 
-def _stop(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
+def _stop(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
     deadline = time.time() + 10
-    while time.time() < deadline and Path(f"/proc/{pid}").exists():
+    while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
         time.sleep(0.1)
 
 
