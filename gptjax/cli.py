@@ -185,9 +185,20 @@ def _cmd_export_hf(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from gptjax.scaling import load_sweep, run_sweep
+    from gptjax import scaling
 
-    result = run_sweep(load_sweep(args.sweep_config, args.overrides), args.dir or None)
+    sweep = scaling.load_sweep(args.sweep_config, args.overrides)
+    sweep_dir = Path(args.dir or scaling.sweep.default_dir(sweep))
+    if args.status:
+        runs = scaling.expand(sweep, sweep_dir)
+        print(scaling.format_status(scaling.states(sweep_dir, runs)))
+        return 0
+    if args.slurm:
+        return _sweep_slurm(args, sweep, sweep_dir)
+    if args.local_workers:
+        result = scaling.run_workers(sweep, sweep_dir, workers=args.local_workers)
+    else:
+        result = scaling.run_sweep(sweep, sweep_dir)
     counts: dict[str, int] = {}
     for row in result.rows:
         counts[row["status"]] = counts.get(row["status"], 0) + 1
@@ -196,8 +207,48 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0 if counts.get("finished", 0) == len(result.rows) else 1
 
 
+def _slurm_options(args: argparse.Namespace, defaults: dict[str, Any]):
+    from gptjax.scaling import SlurmOptions
+
+    names = ("partition", "account", "time", "ntasks", "gpus_per_task", "cpus_per_task", "max_parallel")
+    given = {k: getattr(args, k, None) for k in (*names, "signal_seconds")}
+    return SlurmOptions.merge(defaults, {**given, "extra": args.sbatch})
+
+
+def _sweep_slurm(args: argparse.Namespace, sweep, sweep_dir: Path) -> int:
+    from gptjax.scaling import local, submit_sweep
+
+    options = _slurm_options(args, sweep.slurm)
+    sweep_dir, runs, _ = local.prepare(sweep, sweep_dir)
+    out = submit_sweep(sweep.name, sweep_dir, runs, options)
+    left = ", ".join(f"{n} {s}" for s, n in out["skipped"].items())
+    if out["job"] is None:
+        print(f"gptjax sweep: nothing to submit ({left}); script: {out['script']}")
+    else:
+        throttle = f", at most {options.max_parallel} at once" if options.max_parallel else ""
+        print(
+            f"gptjax sweep: submitted {len(out['submitted'])} of {len(runs)} runs as job array "
+            f"{out['job']}{throttle}"
+            + (f"; left alone: {left}" if left else "")
+            + f"; script: {out['script']}"
+        )
+    print(f"next: gptjax sweep {args.sweep_config} --status" + (f" --dir {args.dir}" if args.dir else ""))
+    return 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from gptjax.scaling import submit
+
+    out = submit(args.config, args.overrides, _slurm_options(args, {}), dry_run=args.dry_run)
+    if args.dry_run:
+        print(out["script"].read_text(), end="")
+        return 0
+    print(f"gptjax submit: job {out['job']} -> {out['run_dir']} (script: {out['script']})")
+    return 0
+
+
 def _cmd_fit(args: argparse.Namespace) -> int:
-    from gptjax.scaling import fit_sweep
+    from gptjax.scaling.fits import describe_runs, fit_sweep
 
     result = fit_sweep(
         args.sweep_dir, irreducible=args.irreducible, n_boot=args.bootstrap, budgets=args.budget or ()
@@ -205,6 +256,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
+    print(f"gptjax fit: {describe_runs(result['runs'])}")
     print(result["conventions"])
     for name, fit in result["fits"].items():
         print(f"{name}: {fit['form']}  ({fit['n_points']} points, {fit['n_boot']} bootstrap fits)")
@@ -241,6 +293,11 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     plot = plot_sweep if (path / "sweep.json").exists() else plot_run
     for png in plot(path, args.out or None):
         print(png)
+    if plot is plot_sweep:
+        from gptjax.scaling.fits import describe_runs, runs_used
+        from gptjax.scaling.results import table
+
+        print(f"gptjax plot: {describe_runs(runs_used(table(path)))}")
     return 0
 
 
@@ -426,7 +483,20 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("sweep_config", help="a .py file defining get_sweep() -> gptjax.scaling.Sweep")
     p.add_argument("overrides", nargs="*", help="section.field=value, applied to the sweep's base config")
     p.add_argument("--dir", default="", help="the sweep directory (default: sweeps/<name>)")
+    p.add_argument("--status", action="store_true", help="print every run's state, step, loss, job, time")
+    p.add_argument(
+        "--local-workers", type=int, default=0, metavar="K", help="train K runs at once as processes"
+    )
+    p.add_argument("--slurm", action="store_true", help="submit the runs to train as one SLURM job array")
+    _add_slurm_options(p, sweep=True)
     p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("submit", help="submit one training run as a SLURM job (requeues at its time limit)")
+    p.add_argument("config", nargs="?", default=None, help="a preset name or a .py config file")
+    p.add_argument("overrides", nargs="*", help="section.field=value")
+    p.add_argument("--dry-run", action="store_true", help="write and print the batch script, submit nothing")
+    _add_slurm_options(p, sweep=False)
+    p.set_defaults(func=_cmd_submit)
 
     p = sub.add_parser("fit", help="fit scaling laws (with bootstrap intervals) to a sweep's results")
     p.add_argument("sweep_dir")
@@ -466,6 +536,20 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="attention.png", help="the PNG to write")
     p.set_defaults(func=_cmd_attention)
     return parser
+
+
+def _add_slurm_options(p: argparse.ArgumentParser, *, sweep: bool) -> None:
+    g = p.add_argument_group("SLURM (defaults: the sweep file's slurm={...}, else the cluster's)")
+    g.add_argument("--partition")
+    g.add_argument("--account")
+    g.add_argument("--time", help="time limit per job: MM, HH:MM:SS or D-HH")
+    g.add_argument("--ntasks", type=int, help="processes per run (more than 1: srun, multi-host)")
+    g.add_argument("--gpus-per-task", type=int)
+    g.add_argument("--cpus-per-task", type=int)
+    if sweep:
+        g.add_argument("--max-parallel", type=int, help="array tasks running at once (%%N)")
+    g.add_argument("--signal-seconds", type=int, help="save and requeue this long before the limit (120)")
+    g.add_argument("--sbatch", action="append", default=[], metavar="OPTION", help="an extra #SBATCH option")
 
 
 def main(argv: list[str] | None = None) -> int:

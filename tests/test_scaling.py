@@ -4,6 +4,7 @@ import importlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -240,7 +241,7 @@ def fake_train(monkeypatch):
     def train(config, *, mesh=None, stop_at=None):
         calls.append(config.train.run_dir)
         run_dir = Path(config.train.run_dir)
-        run_dir.mkdir(parents=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
         loss = 3.0 - 0.1 * config.model.n_layer + (0.5 if config.optim.lr < 2e-3 else 0.0)
         (run_dir / "result.json").write_text(
             json.dumps({"step": config.train.steps, "loss": loss, "val_loss": loss + 0.1})
@@ -305,7 +306,7 @@ def chinchilla_train(monkeypatch):
 
     def train(config, *, mesh=None, stop_at=None):
         run_dir = Path(config.train.run_dir)
-        run_dir.mkdir(parents=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
         n = param_counts(config.model)["non_embedding"]
         tokens_per_step = config.train.batch_size * config.model.block_size
         loss = _E + _A / n**_ALPHA + _B / (config.train.steps * tokens_per_step) ** _BETA
@@ -360,3 +361,121 @@ def test_isoflop_says_why_a_budget_has_no_minimum():
         "C = 1e+12": "no minimum inside the sizes tried: add sizes past the lowest loss",
         "C = 1e+13": "needs 3 sizes, has 2",
     }
+
+
+# --------------------------------------------------------------------------------------
+# Claims, executors and SLURM scripts without a cluster
+
+
+def test_claims_one_winner_requeued_job_reclaims_dead_owner_is_replaced(tmp_path):
+    import threading
+
+    from gptjax.scaling import claims
+
+    run_dir = tmp_path / "run"
+    running = {"7": {"state": "RUNNING"}}
+    assert claims.claim(run_dir, {"job": "7", "since": 0.0}, queue=running)["n"] == 1
+    assert claims.claim(run_dir, {"job": "8", "since": 0.0}, queue=running) is None  # live owner
+    assert claims.claim(run_dir, {"job": "7", "since": 1.0}, queue=running)["n"] == 2  # requeued: its own
+    # Job 7 left the queue: of 16 running jobs racing for its dead claim, exactly one wins.
+    won, barrier = [], threading.Barrier(16)
+    contenders = {str(100 + i): {"state": "RUNNING"} for i in range(16)}
+
+    def contend(i):
+        barrier.wait()
+        got = claims.claim(run_dir, {"job": str(100 + i), "since": 0.0}, queue=contenders)
+        if got is not None:
+            won.append(got)
+
+    threads = [threading.Thread(target=contend, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    history = claims.history(run_dir)
+    assert len(won) == 1 and [c["n"] for c in history] == [1, 2, 3] and history[-1]["job"] == won[0]["job"]
+    # A local owner is alive while its process runs, dead once it exits.
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    local = {"host": claims.me()["host"], "pid": proc.pid, "start": claims._start_time(proc.pid)}
+    assert claims.alive(local)
+    proc.kill()
+    proc.wait()
+    assert not claims.alive(local)
+
+
+def test_partial_sweep_status_fit_and_plot_say_how_many_runs(tmp_path, chinchilla_train, capsys, monkeypatch):
+    sweep = scaling.Sweep(name="part", base=_base(), axes={"size": [(1, 32, 2), (2, 32, 2), (2, 48, 4)],
+                                                           "tokens": [8192, 16384]})  # fmt: skip
+    runs = scaling.expand(sweep, tmp_path / "sweep")
+    original = train_lib.train
+
+    def train(config, **kw):  # the largest model fails
+        if config.model.n_embd == 48:
+            raise RuntimeError("out of memory")
+        return original(config, **kw)
+
+    monkeypatch.setattr(train_lib, "train", train)
+    scaling.run_sweep(sweep, tmp_path / "sweep")
+    shutil.rmtree(runs[1].config.train.run_dir)  # as if never started: pending
+    monkeypatch.setattr(scaling.slurm, "queue", lambda: None)  # no squeue here
+    rows = scaling.states(tmp_path / "sweep")
+    assert [r["status"] for r in rows] == ["finished", "pending", "finished", "finished", "failed", "failed"]
+    lines = scaling.format_status(rows).splitlines()
+    assert lines[0].split() == ["run", "status", "step", "loss", "job", "elapsed", "point"]
+    assert lines[-1] == "1 pending, 3 finished, 2 failed (6 runs)"
+    capsys.readouterr()
+    assert cli.main(["fit", str(tmp_path / "sweep"), "--bootstrap", "5"]) == 0
+    assert "gptjax fit: used 3 of 6 runs (1 pending, 2 failed)" in capsys.readouterr().out
+    assert cli.main(["plot", str(tmp_path / "sweep")]) == 0
+    assert "gptjax plot: used 3 of 6 runs (1 pending, 2 failed)" in capsys.readouterr().out
+
+
+def test_submit_dry_run_writes_a_requeueing_script_and_bad_options_are_one_line(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    argv = ["submit", "nano", "train.steps=500", "train.run_dir=job", "--dry-run", "--time", "30",
+            "--ntasks", "2", "--partition", "gpu", "--sbatch=--mem=8G"]  # fmt: skip
+    assert cli.main(argv) == 0
+    script = capsys.readouterr().out
+    assert script == (tmp_path / "job" / "submit.sbatch").read_text()
+    for line in ("#SBATCH --ntasks=2", "#SBATCH --time=30", "#SBATCH --partition=gpu", "#SBATCH --mem=8G",
+                 "#SBATCH --signal=B:USR1@120", "#SBATCH --requeue", f"PYTHON={sys.executable}",
+                 'scontrol requeue "$SLURM_JOB_ID"'):  # fmt: skip
+        assert line in script, line
+    assert "srun --kill-on-bad-exit=1" in script and f"train.run_dir={tmp_path / 'job'}" in script
+    assert subprocess.run(["bash", "-n", str(tmp_path / "job" / "submit.sbatch")]).returncode == 0
+    assert cli.main(["submit", "nano", "--ntasks", "0", "--dry-run"]) == 2
+    assert "slurm ntasks (0) must be an integer >= 1" in capsys.readouterr().err
+    assert cli.main(["submit", "nano", "--sbatch", "mem=8G", "--dry-run"]) == 2
+    assert "must be one sbatch option" in capsys.readouterr().err
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    assert cli.main(["submit", "nano", "train.run_dir=job2"]) == 2
+    assert (
+        "sbatch is not installed: run on a SLURM login node, or use --local-workers K"
+        in capsys.readouterr().err
+    )
+    bad = scaling.Sweep
+    with pytest.raises(GptjaxError, match=r"sweep slurm keys \['gpus'\] are unknown"):
+        bad(name="s", base=_base(), axes={"lr": [1e-3]}, slurm={"gpus": 1})
+
+
+@pytest.mark.slow
+def test_local_workers_train_each_run_in_its_own_process(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GPTJAX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("XLA_FLAGS")  # one device per worker
+    config_file = tmp_path / "sweep_killed.py"
+    config_file.write_text(textwrap.dedent(_SWEEP_FILE).replace("256 * 60", "256 * 20"))
+    sweep_dir = tmp_path / "sweep"
+    argv = ["sweep", str(config_file), "--dir", str(sweep_dir), "--local-workers", "2"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "run 1/3" in out and "run 3/3" in out and "ETA" in out
+    rows = scaling.table(sweep_dir)
+    assert [r["status"] for r in rows] == ["finished"] * 3
+    from gptjax.scaling import claims
+
+    pids = {claims.latest(sweep_dir / "runs" / r["hash"])["pid"] for r in rows}
+    assert len(pids) == 3 and os.getpid() not in pids  # one process per run, not this one
+    assert cli.main(argv) == 0 and "3 runs in" in capsys.readouterr().out
+    assert all(len(claims.history(sweep_dir / "runs" / r["hash"])) == 1 for r in rows)  # nothing retrained
