@@ -289,6 +289,14 @@ def evaluate(setup: Setup, params, val_tokens: np.ndarray, config: Config, bytes
     return out
 
 
+def _evaluate_sources(setup: Setup, params, dataset, config: Config, bytes_per_token: float | None):
+    """``evaluate`` on the validation tokens, and for a mixture on each source's (``val_loss_NAME``)."""
+    out = evaluate(setup, params, dataset.val, config, bytes_per_token)
+    for name, (_, part) in dataset.parts.items():
+        out[f"val_loss_{name}"] = evaluate(setup, params, part.val, config, None)["val_loss"]
+    return out
+
+
 def _init_from(config: Config, setup: Setup, state: TrainState) -> TrainState:
 
     source, _ = read_config(config.train.init_from)
@@ -389,8 +397,8 @@ def _run(config, run_dir, dataset, setup, ckpt, logger, stop_at, batch_hook) -> 
 
     seq = config.model.block_size
     _, data_seed, _ = jax.random.split(jax.random.key(tc.seed), 3)
-    batches = data_lib.TrainBatches(
-        dataset.train,
+    batches = data_lib.train_batches(
+        dataset,
         seq_len=seq,
         global_batch=tc.batch_size,
         seed=int(jax.random.randint(data_seed, (), 0, 2**31 - 1)),
@@ -443,7 +451,7 @@ def _run(config, run_dir, dataset, setup, ckpt, logger, stop_at, batch_hook) -> 
                 eval_now = tc.eval_every and done % tc.eval_every == 0 and done != tc.steps
                 if eval_now:
                     with timer.pause():
-                        ev = evaluate(setup, state.params, dataset.val, config, bytes_per_token)
+                        ev = _evaluate_sources(setup, state.params, dataset, config, bytes_per_token)
                     logger.write(done, ev)
                     logger.progress(done, ev)
                     metrics.update(ev)
@@ -464,7 +472,7 @@ def _run(config, run_dir, dataset, setup, ckpt, logger, stop_at, batch_hook) -> 
         logger.write(int(state.step), peak_memory())
     final_step = int(state.step)
     if not interrupted:
-        ev = evaluate(setup, state.params, dataset.val, config, bytes_per_token)
+        ev = _evaluate_sources(setup, state.params, dataset, config, bytes_per_token)
         metrics.update(ev)
         logger.write(final_step, ev)
         logger.progress(final_step, ev)
