@@ -177,10 +177,18 @@ def _guarded(path: Path, texts: Iterator[str]) -> Iterator[str]:
             f"{str(path)!r} is not UTF-8 text (byte 0x{byte}: {e.reason}): convert it to UTF-8 "
             "(iconv -t utf-8) or remove it from data.source"
         ) from e
-    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+    except (OSError, EOFError, *_zstd_errors()) as e:  # gzip.BadGzipFile is an OSError
         raise GptjaxError(
             f"cannot read {str(path)!r} ({type(e).__name__}: {e}): fix or remove the file"
         ) from e
+
+
+def _zstd_errors() -> tuple[type[Exception], ...]:
+    try:
+        import zstandard
+    except ImportError:
+        return ()
+    return (zstandard.ZstdError,)
 
 
 def _open_text(path: Path) -> io.TextIOBase:
