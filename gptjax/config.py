@@ -173,7 +173,7 @@ def parse_mixture(mixture: tuple[str, ...]) -> list[tuple[str, float, str]]:
             value = math.nan
         _check(
             bool(name.strip()) and bool(colon) and bool(source.strip()) and value > 0,
-            f"data.mixture part {item!r} must look like name=weight:source with weight > 0 (web=0.7:data/web)",
+            f"data.mixture part {item!r} must look like name=weight:source, weight > 0 (web=0.7:data/web)",
         )
         parts.append((name.strip(), value, source.strip()))
     names = [n for n, _, _ in parts]

@@ -29,7 +29,7 @@ class Tokenizer(Protocol):
     eot_id: int
 
     def encode(self, text: str) -> list[int]: ...
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
+    def encode_batch(self, texts: Sequence[str], num_threads: int | None = None) -> list[list[int]]: ...
     def decode(self, tokens: Sequence[int]) -> str: ...
     def save_hf(self, directory: str | Path, model_max_length: int) -> list[Path]: ...
 
@@ -44,7 +44,7 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], num_threads: int | None = None) -> list[list[int]]:
         return [self.encode(t) for t in texts]
 
     def decode(self, tokens: Sequence[int]) -> str:
@@ -79,8 +79,9 @@ class TiktokenTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._enc.encode_ordinary(text)
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self._enc.encode_ordinary_batch(list(texts), num_threads=os.cpu_count() or 1)
+    def encode_batch(self, texts: Sequence[str], num_threads: int | None = None) -> list[list[int]]:
+        """Encodes on ``num_threads`` threads (default: one per core)."""
+        return self._enc.encode_ordinary_batch(list(texts), num_threads=num_threads or os.cpu_count() or 1)
 
     def decode(self, tokens: Sequence[int]) -> str:
         return self._enc.decode([t for t in tokens if 0 <= t < self.vocab_size], errors="replace")

@@ -19,7 +19,9 @@ def _parts(sizes=(5000, 3000, 900)) -> list[np.ndarray]:
 def test_realised_proportions_over_any_1000_steps(tmp_path: Path):
     weights = [0.7, 0.2, 0.1]
     for global_batch in (1, 8):
-        batches = MixtureBatches(list(zip(weights, _parts(), strict=True)), seq_len=16, global_batch=global_batch, seed=3)
+        batches = MixtureBatches(
+            list(zip(weights, _parts(), strict=True)), seq_len=16, global_batch=global_batch, seed=3
+        )
         sources = np.concatenate([batches.sources(s) for s in range(4000)])
         counts = np.stack([np.cumsum(np.concatenate([[0], sources == i])) for i in range(3)])
         window = 1000 * global_batch
@@ -41,10 +43,14 @@ def test_mixture_batches_are_a_function_of_seed_and_step_and_tile_over_processes
         assert np.array_equal(reference.global_batch_at(step), again.global_batch_at(step))
         for count in (2, 4):
             slices = [
-                MixtureBatches(parts, seq_len=16, global_batch=8, seed=5, process_index=i, process_count=count)
+                MixtureBatches(
+                    parts, seq_len=16, global_batch=8, seed=5, process_index=i, process_count=count
+                )
                 for i in range(count)
             ]
-            assert np.array_equal(np.concatenate([s.batch(step) for s in slices]), reference.global_batch_at(step))
+            assert np.array_equal(
+                np.concatenate([s.batch(step) for s in slices]), reference.global_batch_at(step)
+            )
     assert not np.array_equal(reference.global_batch_at(0), other_seed.global_batch_at(0))
     # Each source walks its own epochs: every window of source 1 once before any repeats.
     stream = reference.streams[1]

@@ -58,7 +58,9 @@ def test_parquet_files_directories_and_globs(tmp_path: Path):
 
 def test_parquet_errors_name_the_file_and_the_fix(tmp_path: Path):
     path = _write_parquet(tmp_path / "a.parquet", TEXTS[:3])
-    with pytest.raises(GptjaxError, match=r"no column 'text': set data.text_field to one of \['id', 'content'\]"):
+    with pytest.raises(
+        GptjaxError, match=r"no column 'text': set data.text_field to one of \['id', 'content'\]"
+    ):
         prepare(DataConfig(source=str(path)))
     with pytest.raises(GptjaxError, match="column 'id' .* holds int64, not strings"):
         prepare(DataConfig(source=str(path), text_field="id"))
@@ -83,7 +85,9 @@ def test_zstd_and_gzip_jsonl(tmp_path: Path):
     with pytest.raises(GptjaxError, match="cannot read .*bad.jsonl.zst.*fix or remove the file"):
         prepare(DataConfig(source=str(tmp_path / "bad.jsonl.zst")))
     (tmp_path / "field.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b'{"body": "x"}\n'))
-    with pytest.raises(GptjaxError, match=r"line 1 of .*field.jsonl.zst.* set data.text_field to one of \['body'\]"):
+    with pytest.raises(
+        GptjaxError, match=r"line 1 of .*field.jsonl.zst.* set data.text_field to one of \['body'\]"
+    ):
         prepare(DataConfig(source=str(tmp_path / "field.jsonl.zst")))
 
 

@@ -17,10 +17,10 @@ exactly ``floor(n * val_fraction)`` of its n; with fewer than ``1 / val_fraction
 documents, the last ``val_fraction`` of its tokens instead.
 """
 
-from gptjax.data import build, sources
+from gptjax.data import build, sources  # noqa: F401 (the submodules, for gptjax.data.build.X)
 from gptjax.data.batches import MixtureBatches, TrainBatches, eval_batches
-from gptjax.data.dataset import Dataset, load_dataset, prepare, train_batches
 from gptjax.data.build import STORE_FORMAT, cache_dir
+from gptjax.data.dataset import Dataset, load_dataset, prepare, train_batches
 from gptjax.data.store import ShardedTokens
 
 __all__ = [

@@ -30,7 +30,7 @@ from gptjax.errors import GptjaxError
 
 def _windows(tokens: Any, starts: np.ndarray, length: int) -> np.ndarray:
     if isinstance(tokens, ShardedTokens):
-        return np.asarray(tokens.windows(starts, length), np.int32)
+        return tokens.windows(starts, length, np.int32)
     return np.asarray(tokens[starts[:, None] + np.arange(length)], np.int32)
 
 

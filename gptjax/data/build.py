@@ -1,9 +1,10 @@
 """Building a token store: parallel tokenization, a progress bar, resumption, atomic publishing.
 
 The build reads a source's documents in order on the main thread and hands chunks of about
-``CHUNK_CHARS`` characters to a pool (worker processes by default: see ``scripts/bench_data.py``
-for threads against processes), which return each chunk's tokens per split and per-document
-digests. Results are written in submission order, so the store does not depend on timing.
+``CHUNK_CHARS`` characters to a pool of one worker per core (threads by default, or
+processes; ``scripts/bench_data.py`` measures both), which return each chunk's tokens per
+split and per-document digests. Results are written in submission order, so the store does
+not depend on timing or on the pool.
 
 A build happens in ``<cache>/.partial-<name>/``, locked by its builder. After each chunk is
 written the builder records, atomically, how many documents it consumed and how many tokens
@@ -81,13 +82,12 @@ def encode_chunk(tokenizer_name: str, dtype: str, texts: list[str], in_val: list
     parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     n_bytes, n_docs = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
     digests = bytearray()
-    for text, val in zip(texts, in_val, strict=True):
+    # The pool is the parallelism: one thread per job (the byte tokenizer's ids are the UTF-8 bytes).
+    encoded = None if tokenizer.name == "bytes" else tokenizer.encode_batch(texts, num_threads=1)
+    for i, (text, val) in enumerate(zip(texts, in_val, strict=True)):
         data = text.encode("utf-8")
         digests += hashlib.blake2b(data, digest_size=16).digest()
-        if tokenizer.name == "bytes":  # UTF-8 bytes are the byte tokenizer's ids.
-            ids = np.frombuffer(data, np.uint8)
-        else:
-            ids = np.array(tokenizer.encode(text), np.uint32)
+        ids = np.frombuffer(data, np.uint8) if encoded is None else np.array(encoded[i], np.uint32)
         split = "val" if val else "train"
         parts[split] += [ids, eot]
         n_bytes[split] += len(data)
@@ -387,7 +387,7 @@ def _locked_folder(root: Path, name: str) -> tuple[Path, int | None]:
 
 
 def open_store(
-    cfg: DataConfig, *, workers: int | None = None, pool: str = "process"
+    cfg: DataConfig, *, workers: int | None = None, pool: str = "thread"
 ) -> tuple[Path, dict[str, Any], Tokenizer, bool]:
     """Builds the store unless a complete one exists; returns (folder, meta, tokenizer, built).
 

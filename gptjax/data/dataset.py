@@ -45,7 +45,7 @@ def _components(cfg: DataConfig) -> list[tuple[str, float, DataConfig]]:
 
 
 def prepare(data_cfg: DataConfig, **build: Any) -> dict[str, Any]:
-    """Builds (or reuses) the token store of ``data_cfg`` (each store of a mixture) and returns its statistics.
+    """Builds (or reuses) the token store of ``data_cfg`` (each of a mixture's) and returns its statistics.
 
     Args:
         data_cfg: The data section.

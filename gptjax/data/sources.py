@@ -332,7 +332,8 @@ def _tfds_documents(source: Source, cfg: DataConfig) -> Iterator[tuple[str, str]
     features = list(builder.info.features.keys())
     if cfg.text_field not in features:
         raise GptjaxError(
-            f"TFDS dataset {name!r} has no feature {cfg.text_field!r}: set data.text_field to one of {features}"
+            f"TFDS dataset {name!r} has no feature {cfg.text_field!r}: "
+            f"set data.text_field to one of {features}"
         )
     download_config = tfds.download.DownloadConfig(manual_dir=cfg.tfds_manual_dir or None)
     try:

@@ -89,8 +89,8 @@ class ShardWriter:
         if largest >= self.vocab_size or (len(tokens) and int(tokens.min()) < 0):
             bad = largest if largest >= self.vocab_size else int(tokens.min())
             raise GptjaxError(
-                f"token id {bad} is outside the vocabulary [0, {self.vocab_size}) of tokenizer {self.what!r}: "
-                "set data.tokenizer to the one that wrote the tokens"
+                f"token id {bad} is outside the vocabulary [0, {self.vocab_size}) of tokenizer "
+                f"{self.what!r}: set data.tokenizer to the one that wrote the tokens"
             )
         tokens = tokens.astype(self.dtype, copy=False)
         stats = self.stats
@@ -204,19 +204,26 @@ class ShardedTokens:
             result[mask] = self.shard(int(s))[index[mask] - self.starts[s]]
         return result
 
-    def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
-        """Rows ``tokens[start : start + length]`` for each start: ``[len(starts), length]``."""
-        offsets = np.arange(length)
-        if len(self.lengths) == 1:
-            return self.shard(0)[starts[:, None] + offsets]
-        first = np.searchsorted(self.ends, starts, side="right")
-        inside = starts + length <= self.ends[np.minimum(first, len(self.ends) - 1)]
-        result = np.empty((len(starts), length), self.dtype)
-        for s in np.unique(first[inside]):  # Rows within one shard: one gather per shard.
-            rows = np.flatnonzero(inside & (first == s))
-            result[rows] = self.shard(int(s))[(starts[rows] - self.starts[s])[:, None] + offsets]
-        for row in np.flatnonzero(~inside):  # Rows across a shard boundary.
-            result[row] = self._range(int(starts[row]), int(starts[row]) + length)
+    def windows(self, starts: np.ndarray, length: int, dtype: np.dtype | type | None = None) -> np.ndarray:
+        """Rows ``tokens[start : start + length]`` for each start: ``[len(starts), length]``.
+
+        One contiguous copy per row (faster than a fancy-index gather over one file, and the
+        same cost whichever shard a row lies in); ``dtype`` converts during the copy.
+        """
+        result = np.empty((len(starts), length), dtype or self.dtype)
+        shard_of = np.searchsorted(self.ends, starts, side="right").tolist()
+        shard_starts, shard_ends = self.starts.tolist(), self.ends.tolist()
+        for row, (start, s) in enumerate(zip(np.asarray(starts).tolist(), shard_of, strict=True)):
+            if s < len(shard_ends) and start + length <= shard_ends[s]:
+                local = start - shard_starts[s]
+                result[row] = (self.maps.get(s) if s in self.maps else self.shard(s))[local : local + length]
+            else:  # Across a shard boundary (or out of range: _range raises below).
+                piece = self._range(start, start + length)
+                if len(piece) != length:
+                    raise IndexError(
+                        f"window [{start}, {start + length}) is out of bounds for {len(self)} tokens"
+                    )
+                result[row] = piece
         return result
 
 
