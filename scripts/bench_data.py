@@ -44,6 +44,9 @@ import json, os, resource, sys, threading, time
 from gptjax.config import DataConfig
 from gptjax.data import prepare
 
+cpu = {}  # pid -> user + system seconds, last seen (workers' are gone once the build ends)
+TICK = os.sysconf("SC_CLK_TCK")
+
 def tree_pss():  # Proportional set size of this process and its descendants (workers, forkserver).
     total, pids, seen = 0, [os.getpid()], set()
     while pids:
@@ -55,6 +58,8 @@ def tree_pss():  # Proportional set size of this process and its descendants (wo
             for line in open(f"/proc/{pid}/smaps_rollup"):
                 if line.startswith("Pss:"):
                     total += int(line.split()[1]) * 1024
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            cpu[pid] = (int(fields[11]) + int(fields[12])) / TICK
             for task in os.listdir(f"/proc/{pid}/task"):
                 pids += [int(c) for c in open(f"/proc/{pid}/task/{task}/children").read().split()]
         except OSError:
@@ -67,13 +72,16 @@ def sample():
         peak[0] = max(peak[0], tree_pss())
 threading.Thread(target=sample, daemon=True).start()
 cfg = DataConfig(source=sys.argv[1], tokenizer="gpt2", cache_dir=sys.argv[2], val_fraction=0.001)
+tree_pss()
+cpu_before = sum(cpu.values())  # Python and gptjax imports are not the build's cost.
 start = time.perf_counter()
 stats = prepare(cfg, workers=int(sys.argv[3]), pool=sys.argv[4])
 seconds = time.perf_counter() - start
 done.set()
+tree_pss()
 print(json.dumps({"seconds": seconds, "stats": {k: stats[k] for k in ("store", "tokens", "bytes", "shards")},
                   "rss_builder_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "pss_tree_mib": peak[0] / 2**20}))
+                  "pss_tree_mib": peak[0] / 2**20, "cpu_s": sum(cpu.values()) - cpu_before}))
 """
 
 
@@ -109,8 +117,15 @@ def make_corpus(path: Path, megabytes: float, seed: int = 0) -> int:
     return written
 
 
-def baseline_mb_s(path: Path, sample_mb: float) -> float:
-    """Single-thread tiktoken gpt2 encode_ordinary_batch on the corpus's first sample_mb MB."""
+cpu_mb_s = [0.0]  # The baseline's MB per CPU second (the machine may be shared: see main).
+
+
+def baseline_mb_s(path: Path, sample_mb: float) -> tuple[float, float]:
+    """Single-thread tiktoken gpt2 on the corpus's first sample_mb MB, in MB/s.
+
+    Returns ``encode_ordinary_batch`` (the goal's baseline) and ``encode_array`` (the
+    build's per-document call: tiktoken's ``encode_to_numpy``, no Python list).
+    """
     import pyarrow.parquet as pq
 
     docs, size = [], 0
@@ -122,10 +137,15 @@ def baseline_mb_s(path: Path, sample_mb: float) -> float:
             break
     tokenizer = get_tokenizer("gpt2")
     tokenizer.encode_batch(docs[:50], num_threads=1)  # Warm.
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for begin in range(0, len(docs), 256):
         tokenizer.encode_batch(docs[begin : begin + 256], num_threads=1)
-    return size / 1e6 / (time.perf_counter() - start)
+    batch_s = time.perf_counter() - start
+    cpu_mb_s[0] = size / 1e6 / (time.process_time() - cpu_start)
+    start = time.perf_counter()
+    for doc in docs:
+        tokenizer.encode_array(doc)
+    return size / 1e6 / batch_s, size / 1e6 / (time.perf_counter() - start)
 
 
 def build(path: Path, cache: Path, pool: str, workers: int) -> dict:
@@ -190,8 +210,10 @@ def main() -> None:
         result["corpus_text_mb"] = round(make_corpus(corpus, args.corpus_mb) / 1e6, 1)
         result["corpus_file_mb"] = round(corpus.stat().st_size / 1e6, 1)
         result["corpus_seconds"] = round(time.perf_counter() - start, 1)
-        single = baseline_mb_s(corpus, args.sample_mb)
+        single, single_array = baseline_mb_s(corpus, args.sample_mb)
         result["tiktoken_single_thread_mb_s"] = round(single, 3)
+        result["encode_array_single_thread_mb_s"] = round(single_array, 3)
+        result["tiktoken_single_thread_mb_per_cpu_s"] = round(cpu_mb_s[0], 3)
         builds = []
         for pool in args.pools:
             child = build(corpus, Path(tmp) / f"cache-{pool}", pool, args.workers)
@@ -203,6 +225,10 @@ def main() -> None:
                     "build_s": round(child["seconds"], 1),
                     "mb_s": round(mb_s, 3),
                     "vs_cores_x_single": round(mb_s / (args.workers * single), 3),
+                    "vs_cores_x_encode_array": round(mb_s / (args.workers * single_array), 3),
+                    "cpu_s": round(child["cpu_s"], 1),
+                    # MB per CPU second against the baseline's: the work overhead, whatever the load.
+                    "cpu_efficiency": round(mb_s * child["seconds"] / child["cpu_s"] / cpu_mb_s[0], 3),
                     "rss_builder_mib": round(child["rss_builder_mib"]),
                     "pss_all_processes_mib": round(child["pss_tree_mib"]),
                     "store": child["stats"]["store"],
@@ -237,12 +263,17 @@ def main() -> None:
     result["bench_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(
         f"corpus: {result['corpus_text_mb']} MB text ({result['corpus_file_mb']} MB Parquet), "
-        f"tiktoken gpt2 single thread {single:.2f} MB/s, {args.workers} workers"
+        f"tiktoken gpt2 single thread: encode_ordinary_batch {single:.2f} MB/s, "
+        f"encode_to_numpy {single_array:.2f} MB/s; {args.workers} workers"
     )
-    print(f"{'pool':8} {'build_s':>8} {'MB/s':>8} {'vs cores x 1':>13} {'RSS builder':>12} {'PSS all':>9}")
+    print(
+        f"{'pool':8} {'build_s':>8} {'MB/s':>8} {'/ (cores x batch)':>18} {'/ (cores x numpy)':>18} "
+        f"{'CPU eff.':>9} {'RSS builder':>12} {'PSS all':>9}"
+    )
     for b in builds:
         print(
-            f"{b['pool']:8} {b['build_s']:>8} {b['mb_s']:>8} {b['vs_cores_x_single']:>13} "
+            f"{b['pool']:8} {b['build_s']:>8} {b['mb_s']:>8} {b['vs_cores_x_single']:>18} "
+            f"{b['vs_cores_x_encode_array']:>18} {b['cpu_efficiency']:>9} "
             f"{b['rss_builder_mib']:>10}Mi {b['pss_all_processes_mib']:>7}Mi"
         )
     fetch = result["fetch"]

@@ -82,12 +82,10 @@ def encode_chunk(tokenizer_name: str, dtype: str, texts: list[str], in_val: list
     parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     n_bytes, n_docs = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
     digests = bytearray()
-    # The pool is the parallelism: one thread per job (the byte tokenizer's ids are the UTF-8 bytes).
-    encoded = None if tokenizer.name == "bytes" else tokenizer.encode_batch(texts, num_threads=1)
-    for i, (text, val) in enumerate(zip(texts, in_val, strict=True)):
+    for text, val in zip(texts, in_val, strict=True):
         data = text.encode("utf-8")
         digests += hashlib.blake2b(data, digest_size=16).digest()
-        ids = np.frombuffer(data, np.uint8) if encoded is None else np.array(encoded[i], np.uint32)
+        ids = np.frombuffer(data, np.uint8) if tokenizer.name == "bytes" else tokenizer.encode_array(text)
         split = "val" if val else "train"
         parts[split] += [ids, eot]
         n_bytes[split] += len(data)
