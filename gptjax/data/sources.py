@@ -339,10 +339,9 @@ def _tfds_documents(source: Source, cfg: DataConfig) -> Iterator[tuple[str, str]
     try:
         builder.download_and_prepare(download_config=download_config)
     except Exception as e:  # Network, checksum and manual-download errors come in many types.
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
         raise GptjaxError(
-            f"TFDS could not prepare {name!r} ({type(e).__name__}: {reason}); offline, put its source "
-            "files in data.tfds_manual_dir"
+            f"TFDS could not prepare {name!r} ({_reason(e)}); offline, put its source files in "
+            "data.tfds_manual_dir"
         ) from e
     splits = list(builder.info.splits.keys())
     _check_split(f"TFDS dataset {name!r}", cfg.train_split, splits)
@@ -353,6 +352,11 @@ def _tfds_documents(source: Source, cfg: DataConfig) -> Iterator[tuple[str, str]
             dataset = builder.as_dataset(split=split, shuffle_files=False).map(lambda ex: ex[cfg.text_field])
             for texts in tfds.as_numpy(dataset.batch(1024)):
                 yield from ((stream, t.decode("utf-8", errors="replace")) for t in texts)
+
+
+def _reason(e: Exception) -> str:
+    """An exception's type and first line, short enough for a one-line error."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
 
 
 def _check_split(what: str, split: str, splits: list[str]) -> None:
@@ -381,9 +385,8 @@ def _hf_documents(source: Source, cfg: DataConfig) -> Iterator[tuple[str, str]]:
         try:
             loaded = datasets.load_dataset(name, subset or None, streaming=True)
         except Exception as e:  # Hub, network and missing-config errors come in many types.
-            reason = (str(e).strip().splitlines() or [""])[0][:160]
             raise GptjaxError(
-                f"cannot stream {cfg.source!r} from the Hugging Face Hub ({type(e).__name__}: {reason}); "
+                f"cannot stream {cfg.source!r} from the Hugging Face Hub ({_reason(e)}); "
                 "offline, save it with save_to_disk and use hf-disk:PATH"
             ) from e
         splits = dict(loaded)
