@@ -78,6 +78,7 @@ def _texts(folder: Path, letter: str, n: int) -> Path:
     return folder
 
 
+@pytest.mark.slow  # Compiles a train step: about 15 s on an idle 2-core machine.
 def test_a_mixture_dataset_and_training_reports_each_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("GPTJAX_CACHE_DIR", str(tmp_path / "cache"))
     web, code = _texts(tmp_path / "web", "w", 40), _texts(tmp_path / "code", "c", 40)

@@ -104,6 +104,7 @@ prepare(DataConfig(source=sys.argv[1], val_fraction=0.05), workers=2, pool="thre
 """
 
 
+@pytest.mark.slow  # About 15 s: three builder processes, each importing JAX.
 def test_killed_builds_resume_to_the_uninterrupted_store_byte_for_byte(
     tmp_path: Path, cache: Path, monkeypatch
 ):

@@ -296,7 +296,7 @@ def _parquet_text_bytes(files: list[Path], text_field: str) -> int:
 def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
     """The text column, one record batch at a time (a file is never read whole)."""
     parquet = _parquet_file(path, text_field)
-    for batch in parquet.iter_batches(batch_size=1024, columns=[text_field]):
+    for batch in parquet.iter_batches(batch_size=256, columns=[text_field]):
         yield from (t for t in batch.column(0).to_pylist() if t is not None)
 
 
