@@ -239,8 +239,7 @@ class _Build:
         chars = 0
         pending: collections.deque = collections.deque()  # (future, position after its documents)
         progress, task = _progress(f"tokenizing ({tokenizer.name})", self.source.text_bytes)
-        start, written = time.perf_counter(), 0
-        tokens_before = sum(w.stats["tokens"] for w in self.writers.values())
+        start, written, skipped = time.perf_counter(), 0, 0
 
         def write_ready(limit: int) -> None:
             nonlocal written
@@ -281,7 +280,10 @@ class _Build:
                 if position < self.resumed_from:  # Written before: only its digest is needed.
                     data = text.encode("utf-8")
                     content.update(hashlib.blake2b(data, digest_size=16).digest())
-                    progress.advance(task, len(data))
+                    skipped += len(data)
+                    if skipped >= CHUNK_CHARS or position + 1 == self.resumed_from:
+                        progress.advance(task, skipped)
+                        skipped = 0
                     continue
                 texts.append(text)
                 in_val.append(val)
@@ -291,8 +293,6 @@ class _Build:
             if texts:
                 submit(position + 1)
             write_ready(0)
-        total = sum(w.stats["tokens"] for w in self.writers.values()) - tokens_before
-        self.record["tokens_per_s"] = round(total / max(time.perf_counter() - start, 1e-9))
         return content.hexdigest()
 
     def _copy_tokens(self) -> str:
