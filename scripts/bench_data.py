@@ -12,7 +12,8 @@ Usage::
 3. Builds the gpt2 store from the corpus, once per pool kind (``process``, ``thread``), each
    in a fresh child process with one worker per core, reporting MB/s of text, the ratio to
    ``cores x baseline``, and the peak RSS of the builder and the peak PSS summed over it and its workers.
-4. Copies the train split into a single-file store and a multi-shard store (same writer)
+4. Probes the GIL: does a Python thread keep running while tiktoken encodes?
+5. Copies the train split into a single-file store and a multi-shard store (same writer)
    and times ``TrainBatches.batch`` at 64 x 1025 tokens on both.
 
 Prints a table, then one JSON object (with the load average, since the machine may be shared).
@@ -148,6 +149,42 @@ def baseline_mb_s(path: Path, sample_mb: float) -> tuple[float, float]:
     return size / 1e6 / batch_s, size / 1e6 / (time.perf_counter() - start)
 
 
+def gil_probe(path: Path) -> dict[str, float]:
+    """Does tiktoken release the GIL? A spinning Python thread's loop rate while the main thread
+    encodes one long text, against its rate while the main thread sleeps (GIL free) and while
+    it runs Python (GIL held). Rates, not times: robust to a loaded machine.
+    """
+    import threading
+
+    import pyarrow.parquet as pq
+
+    text = "\n".join(next(pq.ParquetFile(path).iter_batches(batch_size=2000)).column(0).to_pylist())
+    tokenizer = get_tokenizer("gpt2")
+    count, stop = [0], threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            count[0] += 1
+
+    thread = threading.Thread(target=spin)
+    thread.start()
+    rates = {}
+    for name, work in [
+        ("encode", lambda: tokenizer.encode_array(text)),
+        ("gil_free", lambda: time.sleep(1.0)),
+        ("gil_held", lambda: sum(range(20_000_000))),
+    ]:
+        before, start = count[0], time.perf_counter()
+        work()
+        rates[name] = (count[0] - before) / (time.perf_counter() - start)
+    stop.set()
+    thread.join()
+    return {
+        "spinner_rate_while_encoding_vs_free": round(rates["encode"] / rates["gil_free"], 3),
+        "spinner_rate_while_python_vs_free": round(rates["gil_held"] / rates["gil_free"], 3),
+    }
+
+
 def build(path: Path, cache: Path, pool: str, workers: int) -> dict:
     run = subprocess.run(
         [sys.executable, "-c", _CHILD, str(path), str(cache), str(workers), pool],
@@ -214,6 +251,7 @@ def main() -> None:
         result["tiktoken_single_thread_mb_s"] = round(single, 3)
         result["encode_array_single_thread_mb_s"] = round(single_array, 3)
         result["tiktoken_single_thread_mb_per_cpu_s"] = round(cpu_mb_s[0], 3)
+        result["gil"] = gil_probe(corpus)
         builds = []
         for pool in args.pools:
             child = build(corpus, Path(tmp) / f"cache-{pool}", pool, args.workers)
@@ -276,6 +314,11 @@ def main() -> None:
             f"{b['vs_cores_x_encode_array']:>18} {b['cpu_efficiency']:>9} "
             f"{b['rss_builder_mib']:>10}Mi {b['pss_all_processes_mib']:>7}Mi"
         )
+    gil = result["gil"]
+    print(
+        f"GIL: a Python thread runs at {gil['spinner_rate_while_encoding_vs_free']:.0%} of its free rate "
+        f"while tiktoken encodes ({gil['spinner_rate_while_python_vs_free']:.0%} while Python code runs)"
+    )
     fetch = result["fetch"]
     print(
         f"batch {args.batch} x {args.seq_len + 1} (median): flat memmap {fetch['flat_memmap_ms'][0]} ms, "
