@@ -150,6 +150,9 @@ class DataConfig:
         tfds_data_dir: TFDS's data_dir (empty: TFDS's own default, ``TFDS_DATA_DIR``).
         tfds_manual_dir: TFDS's manual_dir, for datasets built from local files offline.
         prefetch: Batches prepared ahead of the train step by a background thread.
+        mixture: Several weighted sources, ``name=weight:source`` each (on the command line
+            comma-separated: ``web=0.7:data/web,code=0.3:data/code``); when set, ``source``
+            is not used. Every other field applies to each source.
     """
 
     source: str = "stdlib"
@@ -162,12 +165,37 @@ class DataConfig:
     tfds_data_dir: str = ""
     tfds_manual_dir: str = ""
     prefetch: int = 2
+    mixture: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _choices(self)
         _check(bool(self.source), "data.source must not be empty")
+        if isinstance(self.mixture, str):  # From the command line: comma-separated.
+            object.__setattr__(self, "mixture", tuple(p for p in self.mixture.split(",") if p.strip()))
+        object.__setattr__(self, "mixture", tuple(self.mixture))
+        parse_mixture(self.mixture)
         _check(0.0 <= self.val_fraction < 1.0, f"val_fraction ({self.val_fraction}) must be in [0, 1)")
         _check(self.prefetch >= 0, f"prefetch ({self.prefetch}) must be >= 0")
+
+
+def parse_mixture(mixture: tuple[str, ...]) -> list[tuple[str, float, str]]:
+    """``data.mixture``'s parts as ``(name, weight, source)``; a malformed part raises, saying how."""
+    parts = []
+    for item in mixture:
+        name, _, rest = item.partition("=")
+        weight, colon, source = rest.partition(":")
+        try:
+            value = float(weight)
+        except ValueError:
+            value = math.nan
+        _check(
+            bool(name.strip()) and bool(colon) and bool(source.strip()) and value > 0,
+            f"data.mixture part {item!r} must look like name=weight:source, weight > 0 (web=0.7:data/web)",
+        )
+        parts.append((name.strip(), value, source.strip()))
+    names = [n for n, _, _ in parts]
+    _check(len(set(names)) == len(names), f"data.mixture names must differ: {names}")
+    return parts
 
 
 @dataclass(frozen=True, kw_only=True)

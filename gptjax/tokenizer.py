@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+
 from gptjax.errors import GptjaxError
 
 TIKTOKEN_ENCODINGS = ("gpt2", "r50k_base", "p50k_base", "cl100k_base", "o200k_base")
@@ -29,7 +31,8 @@ class Tokenizer(Protocol):
     eot_id: int
 
     def encode(self, text: str) -> list[int]: ...
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
+    def encode_batch(self, texts: Sequence[str], num_threads: int | None = None) -> list[list[int]]: ...
+    def encode_array(self, text: str) -> np.ndarray: ...
     def decode(self, tokens: Sequence[int]) -> str: ...
     def save_hf(self, directory: str | Path, model_max_length: int) -> list[Path]: ...
 
@@ -44,8 +47,11 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], num_threads: int | None = None) -> list[list[int]]:
         return [self.encode(t) for t in texts]
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), np.uint8)
 
     def decode(self, tokens: Sequence[int]) -> str:
         # End-of-text (and anything outside a byte) is dropped; broken UTF-8 is replaced.
@@ -79,8 +85,13 @@ class TiktokenTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._enc.encode_ordinary(text)
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self._enc.encode_ordinary_batch(list(texts), num_threads=os.cpu_count() or 1)
+    def encode_batch(self, texts: Sequence[str], num_threads: int | None = None) -> list[list[int]]:
+        """Encodes on ``num_threads`` threads (default: one per core)."""
+        return self._enc.encode_ordinary_batch(list(texts), num_threads=num_threads or os.cpu_count() or 1)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """``encode`` as a uint32 array, built in Rust without the GIL (no Python list in between)."""
+        return self._enc.encode_to_numpy(text, disallowed_special=())  # Specials as plain text: ordinary.
 
     def decode(self, tokens: Sequence[int]) -> str:
         return self._enc.decode([t for t in tokens if 0 <= t < self.vocab_size], errors="replace")

@@ -67,8 +67,8 @@ def language_model(config: Config, dataset: data_lib.Dataset | None = None) -> T
         return task
     tc, seq = config.train, config.model.block_size
     _, data_seed, _ = jax.random.split(jax.random.key(tc.seed), 3)
-    batches = data_lib.TrainBatches(
-        dataset.train,
+    batches = data_lib.train_batches(
+        dataset,
         seq_len=seq,
         global_batch=tc.batch_size,
         seed=int(jax.random.randint(data_seed, (), 0, 2**31 - 1)),
@@ -80,8 +80,8 @@ def language_model(config: Config, dataset: data_lib.Dataset | None = None) -> T
     bytes_per_token = val_bytes / max(len(dataset.val) - 1, 1) if val_bytes else None
     return task._replace(
         batches=batches,
-        evaluate=lambda setup, params, head, final=False: evaluate(
-            setup, params, dataset.val, config, bytes_per_token, full=final
+        evaluate=lambda setup, params, head, final=False: _evaluate_sources(
+            setup, params, dataset, config, bytes_per_token, full=final
         ),
         tokens_per_step=tc.batch_size * seq,
         meta={"tokenizer": dataset.tokenizer.name},
@@ -198,6 +198,16 @@ def evaluate(
     out["val_full_pass"] = int(count) >= len(val_tokens) - 1
     if bytes_per_token:
         out["val_bits_per_byte"] = total / (math.log(2) * count * bytes_per_token)
+    return out
+
+
+def _evaluate_sources(
+    setup: Setup, params, dataset, config: Config, bytes_per_token: float | None, *, full: bool = False
+):
+    """``evaluate`` on the validation tokens, and for a mixture on each source's (``val_loss_NAME``)."""
+    out = evaluate(setup, params, dataset.val, config, bytes_per_token, full=full)
+    for name, (_, part) in dataset.parts.items():
+        out[f"val_loss_{name}"] = evaluate(setup, params, part.val, config, None, full=full)["val_loss"]
     return out
 
 

@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gptjax import data
 from gptjax.config import DataConfig
-from gptjax.data import TrainBatches, eval_batches, load_dataset, prepare
+from gptjax.data import TrainBatches, build, eval_batches, load_dataset, prepare, sources
 from gptjax.errors import GptjaxError
 
 
@@ -204,10 +203,10 @@ def test_store_is_rebuilt_when_the_tokenizer_changes(tmp_path: Path, gpt2_tokeni
 
 _CRASH_BEFORE_RENAME = """
 import os, sys
-from gptjax import data
 from gptjax.config import DataConfig
-data._publish = lambda temporary, final: os._exit(3)  # Killed with every file written.
-data.prepare(DataConfig(source=sys.argv[1]))
+from gptjax.data import build, prepare
+build._publish = lambda temporary, final: os._exit(3)  # Killed with every file written.
+prepare(DataConfig(source=sys.argv[1]))
 """
 
 
@@ -219,22 +218,23 @@ def test_a_crash_mid_write_leaves_no_store_taken_for_complete(tmp_path: Path, ca
     )
     assert run.returncode == 3, run.stderr
     leftovers = _stores(cache)
-    assert len(leftovers) == 1 and leftovers[0].startswith(".tmp-")
+    assert len(leftovers) == 1 and leftovers[0].startswith(".partial-")
     stats = prepare(DataConfig(source=str(corpus)))
     assert stats["built"] and stats["train_documents"] + stats["val_documents"] == 40
+    assert _stores(cache) == [Path(stats["store"]).name]
 
 
 def test_concurrent_writers_leave_one_complete_store(tmp_path: Path, cache: Path, monkeypatch):
     cfg = DataConfig(source=str(_corpus(tmp_path / "corpus")))
     both_building = threading.Barrier(2, timeout=30)
-    real_build = data._build
+    real_run = build._Build.run
 
     def build_together(*args):
-        meta = real_build(*args)
+        meta = real_run(*args)
         both_building.wait()  # Neither publishes before both have a finished copy.
         return meta
 
-    monkeypatch.setattr(data, "_build", build_together)
+    monkeypatch.setattr(build._Build, "run", build_together)
     results: list[dict] = []
     writers = [threading.Thread(target=lambda: results.append(prepare(cfg))) for _ in range(2)]
     for writer in writers:
@@ -278,7 +278,7 @@ def test_pretokenized_files_in_nanogpt_layout(tmp_path: Path):
 
 def test_stdlib_corpus_needs_nothing_from_shared(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
-    files = data._stdlib_files()
+    files = sources.stdlib_files()
     assert files == sorted(files) and len(files) > 100
     assert not any({"test", "tests", "idle_test", "site-packages"} & set(p.parts) for p in files)
     ds = load_dataset(DataConfig(), seq_len=128, vocab_size=257)
@@ -335,9 +335,7 @@ def _one_line_error(match: str, call, *args, **kwargs) -> str:
 
 
 def test_bad_local_inputs(tmp_path: Path):
-    _one_line_error(
-        "does not exist: give stdlib, a text file", prepare, DataConfig(source=str(tmp_path / "no"))
-    )
+    _one_line_error("does not exist: give stdlib, a text", prepare, DataConfig(source=str(tmp_path / "no")))
     _one_line_error("no .* files", prepare, DataConfig(source=str(tmp_path / "*.txt")))
     (tmp_path / "empty.txt").write_text("")
     _one_line_error(
@@ -359,7 +357,7 @@ def test_bad_inputs_for_a_model(tmp_path: Path):
     _one_line_error("set model.vocab_size >= 257", load_dataset, short, seq_len=4, vocab_size=100)
     np.save(tmp_path / "ids.npy", np.array([1, 2, 300, 4] * 50, np.uint16))
     _one_line_error(
-        "token id 300 >= the vocabulary size 257 .* set data.tokenizer",
+        r"token id 300 is outside the vocabulary \[0, 257\) .* set data.tokenizer",
         prepare,
         DataConfig(source=str(tmp_path / "ids.npy")),
     )

@@ -62,6 +62,8 @@ def test_encode_batch_equals_encode(name, request):
     tokenizer = get_tokenizer(name)
     assert tokenizer.encode_batch(TEXTS) == [tokenizer.encode(t) for t in TEXTS]
     assert tokenizer.encode_batch(()) == []
+    for text in [*TEXTS, "special text stays text: <|endoftext|>"]:  # The token store's path.
+        assert tokenizer.encode_array(text).tolist() == tokenizer.encode(text)
 
 
 def test_offline_without_cache_raises_a_clear_error(tmp_path, monkeypatch):
