@@ -104,6 +104,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {
     "configs/tpu_gpt2_v5e8.py": "v5e-8",
     "configs/tpu_gpt2xl_v5e16.py": "v5e-16",
+    "configs/tpu_gpt2xl_v5p32.py": "v5p-32",
 }
 
 
