@@ -122,7 +122,8 @@ def inventory(hlo_text: str) -> list[Collective]:
                 continue
             result_shapes = _shapes(op.group(1))
             operand_shapes = _shapes(line[op.end() :].split(")")[0])
-            if op.group(3):  # async start: the result tuple holds (operands, outputs)
+            if op.group(3):  # async start: the result tuple holds (operands, outputs, scalar contexts)
+                result_shapes = [shape for shape in result_shapes if not shape.endswith("[]")]
                 skip = len(operand_shapes) or len(result_shapes) // 2  # operands' types may be unprinted
                 result_shapes = result_shapes[skip:] or result_shapes
             nbytes = max(_nbytes(result_shapes), _nbytes(operand_shapes))

@@ -24,7 +24,8 @@ from flax import nnx
 
 from gptjax.config import ModelConfig
 from gptjax.errors import GptjaxError
-from gptjax.sharding import constrain, constrain_param, current_platform, map_shards
+from gptjax.sharding import constrain, constrain_param, current_platform
+from gptjax.splash import splash_attention
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -169,36 +170,6 @@ def attention_implementation(cfg: ModelConfig) -> str:
     return "cudnn" if platform == "gpu" and cfg.dtype in ("bfloat16", "float16") else "xla"
 
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Causal attention of q, k, v (B, N, T, H) (q already scaled) with the Pallas splash kernel.
-
-    The TPU kernel (``jax.experimental.pallas.ops.tpu.splash_attention``) computes the
-    softmax in blocks and never materialises the (T, T) scores; off a TPU it runs in Pallas
-    interpret mode (slow: for tests). Under a mesh it runs per shard of batch and heads.
-    """
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
-
-    interpret = current_platform() != "tpu"
-
-    def per_shard(q, k, v):  # (B, N, T, H) of this device
-        n, t = q.shape[1], q.shape[2]
-        block = min(512, t)
-        if t % block:
-            raise GptjaxError(f"splash attention needs the sequence length ({t}) to be a multiple of {block}")
-        sizes = splash.BlockSizes(
-            block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-            block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block,
-        )  # fmt: skip
-        mask = masks.MultiHeadMask([masks.CausalMask((t, t)) for _ in range(n)])
-        kernel = splash.make_splash_mha(
-            mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret
-        )
-        return jax.vmap(kernel)(q, k, v)
-
-    return map_shards(per_shard, ("batch", "heads", None, None), q, k, v)
-
-
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, key: jax.Array):
         d, n, h = cfg.n_embd, cfg.n_head, cfg.head_dim
@@ -259,7 +230,8 @@ class Attention(nnx.Module):
         if attention_implementation(cfg) == "cudnn" and (dropout_key is None or cfg.attn_dropout == 0):
             return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
         # auto picks splash only for whole 128-token tiles (the TPU kernel's smallest block).
-        splash = attention_implementation(cfg) == "splash" and (cfg.attention == "splash" or q.shape[1] % 128 == 0)
+        tiles = q.shape[1] % 128 == 0
+        splash = attention_implementation(cfg) == "splash" and (cfg.attention == "splash" or tiles)
         if splash and (dropout_key is None or cfg.attn_dropout == 0):
             scale = jnp.asarray(1 / math.sqrt(cfg.head_dim), q.dtype)
             return _heads_first(splash_attention(*(_heads_first(x) for x in (q * scale, k, v))))

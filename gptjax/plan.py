@@ -118,7 +118,7 @@ def objective(report: dict[str, Any], target: Target) -> float:
 
 
 def plan(
-    config: Config, target_name: str, *, compile: int = 3, slack: float = 1.25, first_fit: bool = False
+    config: Config, target_name: str, *, compile: int = 3, slack: float = 0.9, first_fit: bool = False
 ) -> dict[str, Any]:
     """Search layouts for ``config`` on ``target_name``; compile the most promising; rank those that fit.
 

@@ -5,8 +5,10 @@ that reason where libtpu is absent. Small models on 4-chip slices keep them to s
 """
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -96,3 +98,25 @@ def test_plan_finds_a_layout_that_the_dry_run_confirms():
 
     report = tpu_dry_run(apply_overrides(config, result["override"].split()), "v5e-4")
     assert report["fits"] and report["mesh"] == {k: best[k] for k in ("data", "fsdp", "tensor")}
+
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = {
+    "configs/tpu_gpt2_v5e8.py": "v5e-8",
+    "configs/tpu_gpt2xl_v5e16.py": "v5e-16",
+    "configs/tpu_gpt2xl_v5p32.py": "v5p-32",
+}
+
+
+@needs_libtpu
+@pytest.mark.slow
+@pytest.mark.parametrize(("recipe", "target"), RECIPES.items())
+def test_tpu_recipes_compile_fit_and_say_so(recipe, target):
+    """Each TPU recipe fits its target, at the per-chip size its docstring states (within 5%)."""
+    from gptjax.preflight import tpu_dry_run
+
+    path = ROOT / recipe
+    stated = float(re.search(r"([\d.]+) GiB; fits", path.read_text()).group(1))
+    report = tpu_dry_run(load_config(str(path)), target)
+    assert report["fits"]
+    assert report["total_bytes"] / 2**30 == pytest.approx(stated, rel=0.05)
