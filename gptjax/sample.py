@@ -30,7 +30,6 @@ from flax import nnx
 from gptjax import cpu_decode
 from gptjax.config import SamplingParams  # noqa: F401  (defined with the other configs)
 from gptjax.errors import GptjaxError
-from gptjax.host import keep_freed_memory
 from gptjax.model import GPT
 
 _GENERATE_CHUNK = 64  # the most decode steps per compiled call in generate()
@@ -156,7 +155,6 @@ def _prompt_tokens(prompts, tokenizer, eot_id: int | None, vocab_size: int) -> l
 
 def _start(model: GPT, prompts, max_new_tokens, params, seed, tokenizer, stop_tokens, eot_id, chunk_size):
     """Validate, prefill, and return the prompt tokens and an iterator of decoded chunks."""
-    keep_freed_memory()  # the per-call weight copies are then reused, not faulted in afresh
     cfg = model.config
     vocab, block_size = cfg.vocab_size, cfg.block_size
     eot_id = tokenizer.eot_id if eot_id is None and tokenizer is not None else eot_id
