@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from gptjax import data as data_lib
+from gptjax import jsonl
 from gptjax.config import DataConfig
 from gptjax.errors import GptjaxError
 from gptjax.model import GPT
@@ -108,18 +108,8 @@ def read_multiple_choice(path: str | Path) -> list[dict[str, Any]]:
             f"task file {str(path)!r} does not exist: give a JSONL of {{context, choices, label}}"
         )
     rows = []
-    for line_num, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for line_num, record in jsonl.records(path):
         where = f"{path.name} line {line_num}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise GptjaxError(f"{where} is not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise GptjaxError(
-                f"{where} is a JSON {type(record).__name__}: rows are {{context, choices, label}}"
-            )
         missing = [k for k in ("context", "choices", "label") if k not in record]
         if missing:
             raise GptjaxError(f"{where} has no {missing[0]!r} field: rows are {{context, choices, label}}")

@@ -14,6 +14,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from gptjax import jsonl
 from gptjax.errors import GptjaxError
 
 
@@ -27,13 +28,7 @@ def _rows(path: Path) -> Iterator[tuple[int, dict]]:
             for record in reader:
                 yield reader.line_num, record
     elif path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for line_num, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield line_num, json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise GptjaxError(f"{path} line {line_num} is not valid JSON ({e.msg})") from None
+        yield from jsonl.records(path)
     else:
         raise GptjaxError(f"data file {str(path)!r} must end in .csv or .jsonl")
 

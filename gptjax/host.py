@@ -10,9 +10,10 @@ quick-start step, about a tenth of its time on a 2-core CPU.
 :func:`keep_freed_memory` tells glibc to serve every thread from the main heap, never
 to ``mmap`` a block, and never to give freed memory back to the kernel. The process
 keeps its peak footprint (which a training process reaches on its first step anyway),
-and steps run without faults. Every ``gptjax`` command, :func:`gptjax.train` and
-:func:`gptjax.generate` call it; it is best called before JAX starts its backend (its
-worker threads pick their arena on their first allocation). ``GPTJAX_KEEP_HOST_MEMORY=0``
+and steps run without faults. Entry points call it, library functions do not (a process
+setting is the program's to choose): every ``gptjax`` command does, and a script that
+wants it calls it before JAX starts its backend (its worker threads pick their arena on
+their first allocation). ``GPTJAX_KEEP_HOST_MEMORY=0``
 turns it off. It does nothing where libc is not glibc.
 """
 

@@ -39,7 +39,8 @@ class KVCache(NamedTuple):
     Attributes:
         k: (L, B, N, S, H) keys, in the compute dtype (heads before slots, so attention
             contracts them without transposing the cache), or a tuple of L per-layer
-            (B*N, S, H) arrays (:meth:`per_layer`, for :meth:`GPT.decode` with ``layers``).
+            (B*N, S, H) arrays (:func:`gptjax.cpu_decode.per_layer`, for :meth:`GPT.decode`
+            with ``layers``).
         v: (L, B, N, S, H) values, or their per-layer tuple.
         start: (B,) the first real (non-padding) slot of each row; its position is 0.
         index: () the slot the next token is written to.
@@ -49,17 +50,6 @@ class KVCache(NamedTuple):
     v: jax.Array | tuple[jax.Array, ...]
     start: jax.Array
     index: jax.Array
-
-    def per_layer(self) -> KVCache:
-        """The same cache with k and v as tuples of per-layer (B*N, S, H) arrays (copies).
-
-        Three axes, not four: at batch 1 XLA:CPU drops the unit axis of a (1, N, S, H) cache
-        with a bitcast between the in-place update and the attention matmul, and then copies
-        every layer's cache at every token (5 ms a token for gpt2 at 128 slots).
-        """
-        n_layer, b, n, s, h = self.k.shape
-        shape = (n_layer, b * n, s, h)
-        return self._replace(k=tuple(self.k.reshape(shape)), v=tuple(self.v.reshape(shape)))
 
 
 def _param(key: jax.Array, shape: tuple[int, ...], std: float, dtype, axes: tuple) -> nnx.Param:
@@ -76,7 +66,8 @@ def _matmul(x: jax.Array, kernel: nnx.Variable, n_in: int) -> jax.Array:
     The contracted axes are flattened into one (XLA:CPU otherwise copies a kernel with two
     contracted axes into a matmul layout at every call); the output axes stay, so a kernel
     sharded over heads keeps its sharding. A kernel marked ``rows_first``
-    (:meth:`GPT.layer_states`) is stored (*outputs, *inputs) and contracted over its minor axis.
+    (:func:`gptjax.cpu_decode.layer_states`) is stored (*outputs, *inputs) and contracted over
+    its minor axis.
     """
     w = _value(kernel, x.dtype)
     lead, k = x.shape[: x.ndim - n_in], math.prod(x.shape[x.ndim - n_in :])
@@ -404,23 +395,6 @@ class GPT(nnx.Module):
             k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), start=start, index=jnp.zeros((), jnp.int32)
         )
 
-    def layer_states(self) -> list[nnx.State]:
-        """Each block's parameters sliced off the stacked state (copies), for :meth:`decode`.
-
-        Kernels are stored rows-first (:func:`_rows_first`): a one-token matmul then reads
-        each output's weights contiguously, 5-20% faster on CPU at batch 1 and 8.
-        """
-        stacked = nnx.state(self.h)
-
-        def layer(v: nnx.Variable, i: int) -> nnx.Variable:
-            axes = v.get_metadata()["axes"][1:]  # without "layers"
-            if v.ndim < 3 or "embed" not in (axes[0], axes[-1]):
-                return v.replace(v[i], axes=axes)
-            return v.replace(_rows_first(axes, v[i]), axes=axes, rows_first=True)
-
-        layers = range(self.config.n_layer)
-        return [jax.tree.map(lambda v, i=i: layer(v, i), stacked, is_leaf=_is_variable) for i in layers]
-
     def decode(
         self, tokens: jax.Array, cache: KVCache, layers: Sequence[nnx.State] | None = None
     ) -> tuple[jax.Array, KVCache]:
@@ -431,8 +405,8 @@ class GPT(nnx.Module):
         ``start[b]`` are padding that no real query attends to.
 
         The blocks run in a ``lax.scan`` over the stacked parameters and a stacked cache,
-        or, given ``layers`` (from :meth:`layer_states`) and a per-layer cache
-        (:meth:`KVCache.per_layer`), unrolled over those separate arrays. A scan slices
+        or, given ``layers`` and a per-layer cache (:mod:`gptjax.cpu_decode`), unrolled
+        over those separate arrays. A scan slices
         each layer's weights and cache out of their stacks at every step, and XLA:CPU
         copies each slice: at batch 1 that copying is most of a token's time, so the CPU
         sampler unrolls.
@@ -440,7 +414,7 @@ class GPT(nnx.Module):
         b, t = tokens.shape
         per_layer = layers is not None
         if per_layer != isinstance(cache.k, tuple):
-            raise GptjaxError("decode: pass layers= with a per-layer cache (KVCache.per_layer()), or neither")
+            raise GptjaxError("decode: pass layers= with a per-layer cache (gptjax.cpu_decode), or neither")
         s = (cache.k[0] if per_layer else cache.k).shape[-2]
         slots = cache.index + jnp.arange(t)  # (T,)
         positions = jnp.maximum(slots[None, :] - cache.start[:, None], 0)  # (B, T)
@@ -472,20 +446,6 @@ class GPT(nnx.Module):
             x, k_all, v_all = jax.lax.scan(body, carry, (stacked, jnp.arange(self.config.n_layer)))[0]
         logits = self.logits(self.ln_f(x))
         return logits, KVCache(k=k_all, v=v_all, start=cache.start, index=cache.index + t)
-
-
-def _is_variable(x) -> bool:
-    return isinstance(x, nnx.Variable)
-
-
-def _rows_first(axes: tuple, kernel: jax.Array) -> jax.Array:
-    """A kernel (*inputs, *outputs) stored (*outputs, *inputs), for :func:`_matmul`.
-
-    Every kernel here has ``embed`` either as its first axis (it reads the residual
-    stream: one input axis) or its last (it writes it: one output axis), so moving that
-    axis to the other end puts the outputs first.
-    """
-    return jnp.moveaxis(kernel, 0, -1) if axes[0] == "embed" else jnp.moveaxis(kernel, -1, 0)
 
 
 def abstract(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:

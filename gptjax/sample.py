@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gptjax import cpu_decode
 from gptjax.config import SamplingParams  # noqa: F401  (defined with the other configs)
 from gptjax.errors import GptjaxError
-from gptjax.host import keep_freed_memory
 from gptjax.model import GPT
 
 _GENERATE_CHUNK = 64  # the most decode steps per compiled call in generate()
@@ -102,14 +102,14 @@ def _prefill(graphdef, state, prompts, start, seed, *, cache_len: int, per_layer
     if prompts.shape[1]:
         _, cache = model.decode(prompts, cache)  # the unused logits are dead code under jit
     if per_layer:
-        cache = cache.per_layer()
+        cache = cpu_decode.per_layer(cache)
     row_keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.arange(prompts.shape[0]))
     return cache, row_keys
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")
 def _layer_states(graphdef, state):
-    return nnx.merge(graphdef, state).layer_states()
+    return cpu_decode.layer_states(nnx.merge(graphdef, state))
 
 
 @functools.partial(
@@ -155,7 +155,6 @@ def _prompt_tokens(prompts, tokenizer, eot_id: int | None, vocab_size: int) -> l
 
 def _start(model: GPT, prompts, max_new_tokens, params, seed, tokenizer, stop_tokens, eot_id, chunk_size):
     """Validate, prefill, and return the prompt tokens and an iterator of decoded chunks."""
-    keep_freed_memory()  # the per-call weight copies are then reused, not faulted in afresh
     cfg = model.config
     vocab, block_size = cfg.vocab_size, cfg.block_size
     eot_id = tokenizer.eot_id if eot_id is None and tokenizer is not None else eot_id
@@ -191,9 +190,7 @@ def _start(model: GPT, prompts, max_new_tokens, params, seed, tokenizer, stop_to
     graphdef, state = nnx.split(model)
     start = np.asarray([bucket - len(row) for row in rows], np.int32)
     seed_u32 = np.uint32(seed % 2**32)
-    # On CPU the decode loop runs over per-layer copies of the weights and the cache (a
-    # one-off copy per call): slicing them out of their stacks at every token costs more.
-    per_layer = jax.default_backend() == "cpu"
+    per_layer = cpu_decode.enabled()  # per-layer copies on CPU: see gptjax.cpu_decode
     cache, row_keys = _prefill(
         graphdef, state, block[:, :-1], start, seed_u32, cache_len=cache_len, per_layer=per_layer
     )

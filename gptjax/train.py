@@ -30,7 +30,6 @@ from gptjax import sharding, validate
 from gptjax.checkpoint import Checkpointer
 from gptjax.config import Config, flops_per_token
 from gptjax.errors import GptjaxError
-from gptjax.host import keep_freed_memory
 from gptjax.metrics import MetricsLogger, StepTimer, interval_mean, peak_flops, peak_memory
 from gptjax.model import GPT
 from gptjax.model import abstract as model_abstract
@@ -244,7 +243,6 @@ def train(
         task: What to optimise (default: next-token prediction on ``config.data``);
             :func:`gptjax.finetune.finetune` passes its own.
     """
-    keep_freed_memory()
     sharding.initialize_distributed()
     is_main = jax.process_index() == 0
     run_dir = prepare_run_dir(config)

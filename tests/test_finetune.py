@@ -120,10 +120,13 @@ def test_other_framings_train_well_above_chance(pretrained, tasks, tmp_path, tas
     leaves its chance plateau on only after a seed-dependent wait: at 12 epochs 1 of 4 seeds
     got there (seed 0, and it stopped after a numerics-neutral attention-layout change), at
     30 epochs seeds 0, 1, 2 reach 0.96-1.0 and seed 3 stays at 0.58, at 60 epochs 3 of 4. The
-    test pins the default seed 0 and trains 30 epochs."""
+    test pins the default seed 0 and trains 30 epochs. Dropout is off as these numbers were
+    measured without it: with GPT-1's 0.1 the nano model stays at chance for 6 multiple-choice
+    epochs (measured: 0.5 after 150 steps; 1.0 at step 125 without dropout)."""
     cfg = _config(
-        pretrained, tasks, tmp_path / "ft", files, task=task, body_lr=body_lr, head_lr=1e-2, epochs=epochs
-    )
+        pretrained, tasks, tmp_path / "ft", files, task=task, body_lr=body_lr, head_lr=1e-2, epochs=epochs,
+        dropout=0.0,
+    )  # fmt: skip
     result = finetune(cfg, log=lambda _: None)
     assert result.best["val_accuracy"] >= 0.8, result.history  # chance is 0.5
 

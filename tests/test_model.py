@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from gptjax import cpu_decode
 from gptjax.config import MODEL_PRESETS, ModelConfig, param_counts
 from gptjax.errors import GptjaxError
 from gptjax.model import GPT, count_params, remat_policy
@@ -313,7 +314,7 @@ def test_cached_decode_matches_full_forward(position, scan_layers):
 def test_decode_over_layer_copies_matches_the_scan():
     """The CPU sampler's unrolled decode over per-layer weight copies computes the same."""
     model = build(tiny())
-    layers = model.layer_states()
+    layers = cpu_decode.layer_states(model)
     assert len(layers) == model.config.n_layer
     stacked = nnx.state(model.h)
     # Kernels are stored outputs-first: (D, 3, N, H) -> (3, N, H, D), (N, H, D) -> (D, N, H).
@@ -327,8 +328,9 @@ def test_decode_over_layer_copies_matches_the_scan():
     cache = model.init_cache(3, WIDTH + NEW + 2, start=jnp.array([2, 0, 1]))
     scanned = decode_all(model, tokens[:, :WIDTH], tokens[:, WIDTH:], cache)
     cfg = model.config
-    assert cache.per_layer().k[0].shape == (3 * cfg.n_head, WIDTH + NEW + 2, cfg.head_dim)  # (B*N, S, H)
-    unrolled = decode_all(model, tokens[:, :WIDTH], tokens[:, WIDTH:], cache.per_layer(), layers)
+    per_layer = cpu_decode.per_layer(cache)
+    assert per_layer.k[0].shape == (3 * cfg.n_head, WIDTH + NEW + 2, cfg.head_dim)  # (B*N, S, H)
+    unrolled = decode_all(model, tokens[:, :WIDTH], tokens[:, WIDTH:], per_layer, layers)
     np.testing.assert_allclose(unrolled, scanned, rtol=0, atol=1e-6)
     with pytest.raises(GptjaxError, match="per-layer cache"):
         model.decode(tokens[:, :1], cache, layers)

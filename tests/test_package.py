@@ -34,3 +34,20 @@ def test_sampling_knobs_have_one_definition_and_one_validation():
         with pytest.raises(gptjax.GptjaxError) as from_params:
             SamplingParams(**bad)
         assert str(from_config.value) == str(from_params.value)
+
+
+def test_library_calls_leave_the_allocator_alone():
+    """gptjax.generate (like gptjax.train) does not set glibc's malloc options; entry points may."""
+    import subprocess
+    import sys
+
+    code = (
+        "import jax, gptjax, gptjax.host as host\n"
+        "from gptjax.config import MODEL_PRESETS\n"
+        "model = gptjax.GPT(MODEL_PRESETS['nano'], key=jax.random.key(0))\n"
+        "gptjax.generate(model, [[1, 2]], max_new_tokens=2)\n"
+        "print(host._applied)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "None"

@@ -75,6 +75,19 @@ def test_greedy_equals_recomputing_loop(name):
         np.testing.assert_allclose(logprobs[0], np.log(last_probs(model, prompt)[tokens[0]]), atol=1e-5)
 
 
+def test_stacked_decode_path_samples_like_the_cpu_path(monkeypatch):
+    """The stacked-cache scan (what TPU and GPU run) against the CPU's per-layer copies."""
+    model = make_model("nano")
+    params = SamplingParams(temperature=1.0, top_p=0.9)
+    per_layer = generate(model, PROMPTS, max_new_tokens=12, params=params, seed=3)
+    monkeypatch.setenv("GPTJAX_DECODE", "stacked")
+    stacked = generate(model, PROMPTS, max_new_tokens=12, params=params, seed=3)
+    assert stacked.tokens == per_layer.tokens
+    np.testing.assert_allclose(stacked.logprobs, per_layer.logprobs, atol=1e-5)
+    greedy = generate(model, PROMPTS, max_new_tokens=12, params=SamplingParams(temperature=0))
+    assert greedy.tokens == [naive_greedy(model, prompt, 12) for prompt in PROMPTS]
+
+
 @pytest.mark.parametrize("name", ["nano", "rope-untied-unrolled"])
 def test_cached_decode_logits_equal_full_forward(name):
     model = make_model(name)
