@@ -193,3 +193,6 @@ def test_wandb_logs_offline_into_the_run_directory(corpus, tmp_path, monkeypatch
     assert main([*args, "train.steps=3"]) == 0  # a resumed run continues the same W&B run
     assert (run_dir / "wandb_id").read_text() == run_id
     assert len(list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
+    import wandb
+
+    wandb.teardown()  # its service's event loop, closed now rather than during a later test
