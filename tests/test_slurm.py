@@ -191,7 +191,8 @@ def test_sweep_job_array_finishes_and_resubmitting_submits_nothing(job_env, caps
     # While it runs: every run is queued or running (or done), and resubmitting adds nothing.
     assert cli.main([*args, "--status"]) == 0
     early = capsys.readouterr().out
-    print(early)
+    with capsys.disabled():
+        print(f"\n{early}")
     assert {line.split()[1] for line in early.splitlines()[1:5]} <= {"queued", "running", "finished"}
     assert cli.main([*args, "--slurm"]) == 0
     assert "nothing to submit" in capsys.readouterr().out
@@ -199,7 +200,8 @@ def test_sweep_job_array_finishes_and_resubmitting_submits_nothing(job_env, caps
 
     assert cli.main([*args, "--status"]) == 0
     status = capsys.readouterr().out
-    print(status)
+    with capsys.disabled():
+        print(f"\n{status}")
     lines = status.splitlines()
     assert lines[0].split() == ["run", "status", "step", "loss", "job", "elapsed", "point"]
     assert [line.split()[1] for line in lines[1:5]] == ["finished"] * 4 and lines[-1] == "4 finished (4 runs)"
