@@ -93,6 +93,8 @@ def slurm(tmp_path_factory):
         yield root
     finally:
         subprocess.run(["scancel", "-u", getpass.getuser()], capture_output=True)
+        with contextlib.suppress(AssertionError):  # jobs end before their daemons: no orphans
+            _wait(_queue_empty, 30, "cancelled jobs to end")
         _stop([int(p.read_text()) for p in (root / "slurmd.pid", root / "slurmctld.pid") if p.exists()])
         subprocess.run(["munged", "--stop", f"--socket={sock}"], capture_output=True)
         if saved is None:
