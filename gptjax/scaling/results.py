@@ -30,12 +30,12 @@ COLUMNS = (
 STATES = ("pending", "queued", "running", "finished", "failed", "interrupted")
 
 
-def run_state(run: Run, queue: dict[str, dict] | None = None, waiting: dict[str, str] | None = None) -> dict:
+def run_state(run: Run, queue: dict[str, dict] | None = None, waiting: dict[str, dict] | None = None) -> dict:
     """One run's status, step reached, last training loss, SLURM job and time spent.
 
     ``queue``: squeue's jobs by id and by array label (``A_i``), from
     :func:`gptjax.scaling.slurm.queue` (None: ask squeue per claim). ``waiting``: run hash
-    to the array label of a task of this sweep still waiting in the queue.
+    to the squeue row of a task of this sweep in the queue that has not claimed it yet.
     """
     run_dir = Path(run.config.train.run_dir)
     claim = claims.latest(run_dir)
@@ -52,7 +52,8 @@ def run_state(run: Run, queue: dict[str, dict] | None = None, waiting: dict[str,
     elif live:
         status = "running"
     elif waiting and run.hash in waiting:
-        status, job = "queued", waiting[run.hash]
+        row = waiting[run.hash]
+        status, job = ("running" if row["state"] == "RUNNING" else "queued"), row["label"]
     elif (run_dir / "error.txt").exists():
         status = "failed"
     elif claim is not None or _has_checkpoint(run_dir):

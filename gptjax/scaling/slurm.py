@@ -248,8 +248,8 @@ def queue() -> dict[str, dict] | None:
     return jobs
 
 
-def waiting(sweep_dir: str | Path, runs: list[Run], jobs: dict[str, dict]) -> dict[str, str]:
-    """Run hash -> array label of this sweep's tasks still in the queue (submitted by
+def waiting(sweep_dir: str | Path, runs: list[Run], jobs: dict[str, dict]) -> dict[str, dict]:
+    """Run hash -> squeue row of this sweep's array tasks in the queue (submitted by
     gptjax or by hand: the array's comment names the sweep directory)."""
     mark = f"{COMMENT}{Path(sweep_dir).resolve()}"
     out = {}
@@ -257,7 +257,7 @@ def waiting(sweep_dir: str | Path, runs: list[Run], jobs: dict[str, dict]) -> di
         index = row["label"].partition("_")[2]
         live = row["comment"] == mark and row["state"] in claims.LIVE_STATES
         if live and index.isdigit() and int(index) < len(runs):
-            out[runs[int(index)].hash] = row["label"]
+            out[runs[int(index)].hash] = row
     return out
 
 
