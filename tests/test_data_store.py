@@ -243,3 +243,13 @@ def test_worker_processes_leave_with_a_killed_builder(tmp_path: Path, cache: Pat
     while any(_running(p) for p in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [p for p in workers if _running(p)]
+
+
+def test_progress_shows_bytes_per_second_tokens_per_second_and_eta():
+    progress, task = build._progress("tokenizing (gpt2)", total=10_000_000)
+    progress.update(task, advance=2_500_000, tokens_per_s=build.tokens_per_s_text(1_200_000, 2.0))
+    state = progress.tasks[0]
+    cells = [str(column.render(state)) for column in progress.columns[2:]]
+    assert cells[0].startswith("2.5/10.0 MB") and cells[2] == "0.60 M tok/s"
+    assert build.tokens_per_s_text(50_000, 1.0) == "50.0 k tok/s"
+    assert {type(c).__name__ for c in progress.columns} >= {"TransferSpeedColumn", "TimeRemainingColumn"}
