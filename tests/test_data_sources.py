@@ -121,12 +121,18 @@ def test_hugging_face_dataset_saved_to_disk(tmp_path: Path):
         prepare(DataConfig(source=f"hf-disk:{tmp_path / 'plain'}"))
 
 
-def test_hub_dataset_offline_says_what_to_do(monkeypatch: pytest.MonkeyPatch):
+def test_hub_streaming_path_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """``hf:`` streams through datasets.load_dataset; a local folder exercises it without the Hub."""
     datasets = pytest.importorskip("datasets")
     import huggingface_hub
 
     # Both libraries read the switch when imported; set it where they look now.
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    for split, texts in (("train", TEXTS[:50]), ("validation", TEXTS[50:])):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    ds = load_dataset(DataConfig(source=f"hf:{tmp_path}"), seq_len=8, vocab_size=257)
+    assert ds.meta["val_from"] == "split 'validation'" and ds.meta["documents"] == {"train": 50, "val": 10}
+    assert np.array_equal(np.asarray(ds.train), _expected(TEXTS[:50]))
     with pytest.raises(GptjaxError, match="cannot stream 'hf:nobody/no-such-corpus' .* use hf-disk:PATH"):
         prepare(DataConfig(source="hf:nobody/no-such-corpus"))

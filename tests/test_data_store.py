@@ -204,3 +204,52 @@ def test_bench_data_smoke(tmp_path: Path, gpt2_tokenizer_available):
     [thread] = result["builds"]
     assert thread["pool"] == "thread" and thread["mb_s"] > 0 and thread["rss_builder_mib"] > 0
     assert result["tiktoken_single_thread_mb_s"] > 0 and result["fetch"]["ratio_median"] > 0
+
+
+_PROCESS_BUILD = """
+import sys
+from gptjax.config import DataConfig
+from gptjax.data import build, prepare
+build.CHUNK_CHARS = 2_000
+prepare(DataConfig(source=sys.argv[1]), workers=2, pool="process")
+"""
+
+
+def _descendants(pid: int) -> list[int]:
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        children += [int(c) for c in (task / "children").read_text().split()]
+    return children + [d for c in children for d in _descendants(c)]
+
+
+def _running(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc")
+def test_worker_processes_leave_with_a_killed_builder(tmp_path: Path, cache: Path):
+    corpus = str(_parquet_corpus(tmp_path / "c.parquet", 4000))
+    env = {**os.environ, "GPTJAX_CACHE_DIR": str(cache)}
+    builder = subprocess.Popen([sys.executable, "-c", _PROCESS_BUILD, corpus], env=env)
+    deadline = time.monotonic() + 120
+    while len(workers := _descendants(builder.pid)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)  # The forkserver, the resource tracker and at least one worker.
+    builder.send_signal(signal.SIGKILL)
+    builder.wait()
+    assert len(workers) >= 3
+    deadline = time.monotonic() + 30
+    while any(_running(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in workers if _running(p)]
+
+
+def test_progress_shows_bytes_per_second_tokens_per_second_and_eta():
+    progress, task = build._progress("tokenizing (gpt2)", total=10_000_000)
+    progress.update(task, advance=2_500_000, tokens_per_s=build.tokens_per_s_text(1_200_000, 2.0))
+    state = progress.tasks[0]
+    cells = [str(column.render(state)) for column in progress.columns[2:]]
+    assert cells[0].startswith("2.5/10.0 MB") and cells[2] == "0.60 M tok/s"
+    assert build.tokens_per_s_text(50_000, 1.0) == "50.0 k tok/s"
+    assert {type(c).__name__ for c in progress.columns} >= {"TransferSpeedColumn", "TimeRemainingColumn"}

@@ -26,6 +26,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import threading
 import time
 import uuid
 from functools import lru_cache
@@ -102,7 +103,24 @@ def _pool(kind: str, workers: int) -> concurrent.futures.Executor:
     # imports this module once, and each worker is forked from it.
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["gptjax.data.build"])
-    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=context)
+    return concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_leave_with, initargs=(os.getpid(),)
+    )
+
+
+def _leave_with(builder: int) -> None:
+    """A worker's initializer: exit once the builder is gone (a killed builder cannot shut the
+    pool down, and a worker blocked on its job queue would otherwise wait forever)."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(builder, 0)
+            except ProcessLookupError:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="gptjax-watch-builder", daemon=True).start()
 
 
 class _InlinePool(concurrent.futures.Executor):

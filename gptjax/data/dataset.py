@@ -20,7 +20,8 @@ class Dataset:
     """A token store opened for training.
 
     Attributes:
-        train: The training tokens, read-only (shards memory-mapped when touched).
+        train: The training tokens, read-only (shards memory-mapped when touched); for a
+            mixture, its first source's (``train_batches`` draws from every source).
         val: The validation tokens (empty when ``val_fraction`` is 0 and the source has none);
             for a mixture, every source's validation tokens end to end.
         tokenizer: The tokenizer that wrote them.
