@@ -15,6 +15,8 @@ from gptjax.preflight import for_tpu
 from gptjax.targets import GENERATIONS, Target, libtpu_available, tpu_devices
 from gptjax.train import build
 
+pytestmark = pytest.mark.multidevice  # CPU meshes of up to 8 devices
+
 BATCH = 8
 MESHES = {"dp": (4, 1, 1), "fsdp": (1, 4, 1), "tp": (2, 1, 2), "2x2x2": (2, 2, 2)}
 needs_libtpu = pytest.mark.skipif(

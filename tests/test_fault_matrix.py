@@ -27,7 +27,7 @@ from gptjax.errors import GptjaxError
 train_lib = importlib.import_module("gptjax.train")
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = REPO / "tests" / "fault_driver.py"
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.multidevice]  # its reference run is in-process, on 8 devices
 
 STEPS = 6
 OVERRIDES = [

@@ -13,6 +13,8 @@ from gptjax.config import MODEL_PRESETS, load_config
 from gptjax.model import GPT
 from gptjax.train import build
 
+pytestmark = pytest.mark.multidevice  # CPU meshes of up to 8 devices
+
 # One 128-token tile (the kernel's block), two heads, one layer: interpret mode is slow.
 TINY = dataclasses.replace(MODEL_PRESETS["nano"], block_size=128, n_layer=1, n_head=2, n_embd=32)
 
