@@ -340,6 +340,7 @@ class SamplingParams:
     min_p: float = 0.0
 
     def __post_init__(self) -> None:
+        _choices(self)  # numbers are numbers (and finite) before their ranges are checked
         if not 0 <= self.temperature < math.inf:
             raise GptjaxError(f"temperature ({self.temperature}) must be >= 0 and finite (0 is greedy)")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:

@@ -60,7 +60,7 @@ def main() -> int:
         wrap(metrics.MetricsLogger, "progress", after=lambda self, step, row: step == 3 and "loss" in row)
     elif phase in ("eval", "final_eval"):
         # evaluate(setup, params, val, config, ...): the final one runs once the loop is over.
-        def at_eval(setup, params, val, config, *rest):
+        def at_eval(setup, params, val, config, *rest, **kwargs):
             steps["evals"] = steps.get("evals", 0) + 1
             return phase == "eval" or steps.get("loop_done")
 

@@ -84,6 +84,7 @@ def test_torch_reference_matches_our_train_step():
     assert result["ours"][1] < result["ours"][0]  # the update did something
 
 
+@pytest.mark.multidevice
 def test_dry_run_reports_compiled_memory():
     from gptjax.preflight import dry_run, format_report
 

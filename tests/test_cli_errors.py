@@ -86,7 +86,8 @@ ROWS = [
     ("train-zero-steps", ["train", *TRAIN, "train.steps=0", *R], "steps (0) must be >= 1"),
     ("train-negative-batch", ["train", *TRAIN, "train.batch_size=-8", *R], "batch_size (-8)"),
     ("train-warmup-too-long", ["train", *TRAIN, "optim.warmup_steps=5", *R], "warmup_steps (5)"),
-    ("train-indivisible-batch", ["train", *TRAIN, "train.batch_size=3", *R], "divisible by"),
+    ("train-indivisible-batch", ["train", *TRAIN, "train.batch_size=3", "optim.accum_steps=2", *R],
+     "divisible by"),
     ("train-stop-at-not-int", ["train", "nano", "--stop-at", "soon"], "invalid int value: 'soon'"),
     ("train-run-dir-is-a-file", ["train", *TRAIN, "--run-dir", "{blocker}/run"], "is not writable"),
     ("train-missing-data", ["train", *TRAIN, "data.source={tmp}/nowhere", *R], "does not exist"),
@@ -130,6 +131,8 @@ ROWS = [
     ("export-onto-a-file", ["export-hf", "{run}", "{empty_txt}"], "cannot create directory"),
     ("import-onto-a-file", ["import-hf", "{hf_no_weights}", "{empty_txt}"], "has no weights"),
     # sweep / fit / plot
+    ("plan-unknown-target", ["plan", "nano", "--target", "v9z-4"], "unknown target 'v9z-4'"),
+    ("submit-missing-config", ["submit", "{tmp}/nowhere.py", "--dry-run"], "does not exist"),
     ("sweep-missing-config", ["sweep", "{tmp}/nowhere.py"], "does not exist"),
     ("sweep-no-get-sweep", ["sweep", "{empty_py}"], "must define get_sweep()"),
     ("sweep-empty-axis", ["sweep", "{empty_axis_py}", "--dir", "{tmp}/sweep"], "is empty"),

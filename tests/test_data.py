@@ -357,7 +357,7 @@ def test_bad_inputs_for_a_model(tmp_path: Path):
     _one_line_error("set model.vocab_size >= 257", load_dataset, short, seq_len=4, vocab_size=100)
     np.save(tmp_path / "ids.npy", np.array([1, 2, 300, 4] * 50, np.uint16))
     _one_line_error(
-        r"token id 300 is outside the vocabulary \[0, 257\) .* set data.tokenizer",
+        r"holds token id 300, outside \[0, 257\) of its tokenizer: .* set data.tokenizer",
         prepare,
         DataConfig(source=str(tmp_path / "ids.npy")),
     )

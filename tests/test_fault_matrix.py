@@ -188,7 +188,7 @@ def test_a_full_cache_directory_is_a_clear_error(world, tmp_path, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(data._SplitWriter, "write", full)
+    monkeypatch.setattr(data.store.ShardWriter, "write", full)
     with pytest.raises(GptjaxError, match="cannot write the token store .*No space left"):
         prepare(_config(world["corpus"], tmp_path / "run").data)
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".tmp-")]

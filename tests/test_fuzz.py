@@ -115,7 +115,8 @@ def test_sampler_arguments(model):
     """Sampling knobs in range (their edges included), prompts and lengths anything."""
     accepted = []
 
-    @settings(FUZZ, max_examples=40)
+    # Derandomized: with a random draw, as few as 2 of 40 calls were accepted in one CI run.
+    @settings(FUZZ, max_examples=40, derandomize=True)
     @given(
         temperature=st.sampled_from([0.0, 1e-30, 0.7, 1.0, 50.0]),
         top_k=st.sampled_from([0, 1, 40, 257, 258]),

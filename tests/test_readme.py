@@ -28,6 +28,9 @@ _NOT_RUN_TESTS = "the test suite itself"
 _NOT_RUN_BENCH = "a benchmark: tests/test_bench.py runs each in its smoke mode"
 _NOT_RUN_SWEEP = "12 training runs: tests/test_scaling.py runs a real sweep, its fits and its plots"
 _SYNOPSIS = "a synopsis with placeholders, not a command"
+_NOT_RUN_CLUSTER = "submits to SLURM or trains a sweep: tests/test_slurm.py, tests/test_scaling.py run it"
+_NOT_RUN_TPU = "compiles gpt2-xl for a TPU slice (minutes): tests/test_tpu.py runs it at nano scale"
+_PROSE = "a command's name in the prose"
 
 # README command -> extra arguments (run) or the reason it is not run.
 COMMANDS: dict[str, list[str] | str] = {
@@ -85,6 +88,30 @@ COMMANDS: dict[str, list[str] | str] = {
     ],
     "gptjax --debug ...": "a pattern: any command with --debug",
     'pytest -m "not slow"': _NOT_RUN_TESTS,
+    "gptjax submit CONFIG --ntasks N": _SYNOPSIS,
+    "gptjax sweep configs/sweep_small.py --dir sweeps/small --local-workers 2": _NOT_RUN_CLUSTER,
+    "gptjax sweep configs/sweep_small.py --dir sweeps/small --slurm --partition gpu --account myproj "
+    "--time 4:00:00 --gpus-per-task 1 --max-parallel 8 --sbatch=--mem=64G --sbatch=--constraint=a100": (
+        _NOT_RUN_CLUSTER
+    ),
+    "gptjax sweep configs/sweep_small.py --dir sweeps/small --status": _NOT_RUN_CLUSTER,
+    "gptjax sweep configs/sweep_small.py --dir sweeps/small --slurm": _NOT_RUN_CLUSTER,
+    "gptjax fit sweeps/small; gptjax plot sweeps/small": _NOT_RUN_CLUSTER,
+    "gptjax submit quickstart --time 24:00:00 --ntasks 8 --gpus-per-task 1": _NOT_RUN_CLUSTER,
+    "gptjax submit quickstart --dry-run": _NOT_RUN_CLUSTER,
+    "gptjax submit": _PROSE,
+    "gptjax fit": _PROSE,
+    "gptjax plot": _PROSE,
+    "gptjax plan": _PROSE,
+    "gptjax launch": _PROSE,
+    "gptjax train gpt2-xl model.dtype=bfloat16 train.batch_size=32 --dry-run --target v5e-16": _NOT_RUN_TPU,
+    "gptjax train gpt2-xl model.dtype=bfloat16 train.batch_size=32 --dry-run --target v5e-16 --json": (
+        _NOT_RUN_TPU
+    ),
+    "gptjax plan gpt2-xl model.dtype=bfloat16 train.batch_size=32 --target v5e-16": _NOT_RUN_TPU,
+    "python scripts/tpu_table.py": _NOT_RUN_TPU,
+    "gptjax train mini model.block_size=T\nmodel.attention=A model.dtype=bfloat16 train.batch_size=8 "
+    "--dry-run --target v5e-4": _SYNOPSIS,
 }
 
 

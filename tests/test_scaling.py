@@ -259,6 +259,7 @@ def test_empty_axis_is_rejected():
         scaling.Sweep(name="s", base=_base(), axes={})
 
 
+@pytest.mark.multidevice
 def test_invalid_size_is_reported_before_any_run(tmp_path, fake_train):
     sweep = scaling.Sweep(name="s", base=_base(), axes={"size": [(1, 16, 2), (2, 30, 4)], "lr": [1e-3]})
     with pytest.raises(
