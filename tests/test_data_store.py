@@ -108,7 +108,8 @@ prepare(DataConfig(source=sys.argv[1], val_fraction=0.05), workers=2, pool="thre
 def test_killed_builds_resume_to_the_uninterrupted_store_byte_for_byte(
     tmp_path: Path, cache: Path, monkeypatch
 ):
-    corpus = str(_parquet_corpus(tmp_path / "c.parquet", 2000))
+    # Large enough that an idle machine does not finish it inside the random delay below.
+    corpus = str(_parquet_corpus(tmp_path / "c.parquet", 6000))
     env = {**os.environ, "GPTJAX_CACHE_DIR": str(cache)}
     rng = np.random.default_rng(22)
     positions = [0]
@@ -122,7 +123,7 @@ def test_killed_builds_resume_to_the_uninterrupted_store_byte_for_byte(
         deadline = time.monotonic() + 60
         while position() == positions[-1] and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)  # Until this attempt has written something of its own...
-        time.sleep(rng.uniform(0.0, 0.2))  # ...then at a random moment.
+        time.sleep(rng.uniform(0.0, 0.05))  # ...then at a random moment.
         process.send_signal(signal.SIGKILL)
         process.wait()
         positions.append(position())
