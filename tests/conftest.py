@@ -2,8 +2,10 @@
 compilation cache, and the offline assets. All set before jax is imported.
 
 Nano models train faster on one device than on 8 fake devices sharing the cores, so the
-suite runs on one; tests marked ``multidevice`` (sharding, meshes, multi-host) are run by
-this session at its end in a second pytest process with 8 devices (``GPTJAX_TEST_DEVICES``).
+suite runs on one; tests marked ``multidevice`` (sharding, meshes, multi-host) run in a
+second pytest process with 8 devices (``GPTJAX_TEST_DEVICES``), started as soon as the
+tests are collected so that it runs beside this one (most tests here leave a core idle
+while they compile or wait on a subprocess); its report is printed at the end.
 Every process of the suite, subprocesses included, shares one compilation cache directory
 (per run unless ``JAX_COMPILATION_CACHE_DIR`` is set), so a step compiled once is loaded after.
 """
@@ -68,7 +70,7 @@ def corpus(tmp_path, monkeypatch) -> Path:
 
 
 # --------------------------------------------------------------------------------------
-# multidevice tests: deselected here, run at the end with 8 devices
+# multidevice tests: deselected here, run beside this session with 8 devices
 
 
 def pytest_configure(config):
@@ -80,22 +82,37 @@ def pytest_collection_modifyitems(config, items):
     if DEVICES >= 8:
         return
     multi = [item for item in items if item.get_closest_marker("multidevice")]
-    if multi:
-        items[:] = [item for item in items if not item.get_closest_marker("multidevice")]
-        config.hook.pytest_deselected(items=multi)
-        config.stash[_MULTI] = [item.nodeid for item in multi]
+    if not multi:
+        return
+    items[:] = [item for item in items if not item.get_closest_marker("multidevice")]
+    config.hook.pytest_deselected(items=multi)
+    if config.option.collectonly:
+        return
+    env = {**os.environ, "GPTJAX_TEST_DEVICES": "8", "XLA_FLAGS": _XLA_FLAGS}
+    args = ["-p", "no:cacheprovider", "-q", *(["-x"] if config.option.maxfail == 1 else [])]
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", *args, *(item.nodeid for item in multi)],
+        env=env, cwd=config.rootpath, stdout=log, stderr=subprocess.STDOUT,
+    )
+    config.stash[_MULTI] = (len(multi), proc, log)
 
 
 def pytest_sessionfinish(session, exitstatus):
-    nodeids = session.config.stash.get(_MULTI, [])
-    if not nodeids or session.config.option.collectonly or exitstatus not in (0, 1):
+    started = session.config.stash.get(_MULTI, None)
+    if started is None:
         return
-    env = {**os.environ, "GPTJAX_TEST_DEVICES": "8", "XLA_FLAGS": _XLA_FLAGS}
-    print(f"\n--- {len(nodeids)} multidevice test(s), on 8 devices in a subprocess ---", flush=True)
-    args = ["-p", "no:cacheprovider", "-q", *(["-x"] if session.config.option.maxfail == 1 else []), *nodeids]
-    rc = subprocess.call([sys.executable, "-m", "pytest", *args], env=env, cwd=session.config.rootpath)
+    count, proc, log = started
+    if exitstatus not in (0, 1):  # interrupted or an internal error: stop the other one too
+        proc.terminate()
+        proc.wait()
+        return
+    rc = proc.wait()
+    log.seek(0)
+    print(f"\n--- {count} multidevice test(s), run beside these on 8 devices in a subprocess ---")
+    print(log.read(), end="", flush=True)
     if rc != 0:
         session.exitstatus = rc
 
 
-_MULTI = pytest.StashKey[list]()
+_MULTI = pytest.StashKey[tuple]()
