@@ -1,7 +1,7 @@
 """Does padding the vocabulary to a multiple of 64 speed up the train step? Measured, side by side.
 
     python scripts/bench_vocab.py                      # gpt2 shape (124M, 4 x 256), 5 rounds
-    python scripts/bench_vocab.py --shape smoke --rounds 1 --steps 1   # seconds (tests)
+    python scripts/bench_vocab.py --shape smoke --vocabs 257 320 --rounds 1 --steps 1  # the test
 
 nanoGPT pads GPT-2's 50,257 tokens to 50,304 (a multiple of 64 and of 128) and reports a
 faster step on GPUs. This script measures the same choice for gptjax on the machine it runs
@@ -9,8 +9,8 @@ on: ``gptjax.train.build(config).train_step`` (the loop's own jitted step: loss,
 clipping, AdamW) compiled once per vocabulary size, then timed in alternating rounds (A, B,
 A, B, ...) in one process so that a noisy neighbour slows both alike. Each round times
 ``--steps`` steps after one untimed step; a vocabulary's figure is the median over rounds
-of its rounds' median step time. The batch is the same random tokens below 50,257 for every
-size (padded rows are never targets, as in nanoGPT).
+of its rounds' median step time. The batch is the same random tokens below the smallest size for
+every size (padded rows are never targets, as in nanoGPT).
 
 Prints one JSON object, then a table.
 """
@@ -31,14 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import SHAPES, make_batch, make_config  # noqa: E402
 
 
-def compiled_step(shape: str, vocab: int):
+def compiled_step(shape: str, vocab: int, batch_vocab: int):
     from gptjax import sharding
     from gptjax.train import build
 
     config = make_config(shape, overrides=(f"model.vocab_size={vocab}",))
     setup = build(config)
     state = setup.init()
-    tokens = make_batch(make_config(shape, overrides=("model.vocab_size=50257",)))
+    tokens = make_batch(make_config(shape, overrides=(f"model.vocab_size={batch_vocab}",)))
     batch = sharding.global_batch(tokens, setup.mesh)
     start = time.perf_counter()
     step = setup.train_step.lower(state, batch).compile()
@@ -68,7 +68,7 @@ def main() -> None:
 
     runs = {}
     for vocab in args.vocabs:
-        step, state, batch, compile_s = compiled_step(args.shape, vocab)
+        step, state, batch, compile_s = compiled_step(args.shape, vocab, min(args.vocabs))
         runs[vocab] = {"step": step, "state": state, "batch": batch, "compile_s": compile_s, "times": []}
     loss = {}
     for _ in range(args.rounds):

@@ -144,3 +144,21 @@ def test_cpu_devices_share_the_measured_peak(monkeypatch):
         and source == "measured (float32 matmul probe, shared by 8 CPU devices)"
     )
     assert metrics.peak_flops("float32", configured=3e12) == (3e12, "configured")
+
+
+def test_bench_vocab_smoke_schema():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    script = str(ROOT / "scripts" / "bench_vocab.py")
+    args = ["--shape", "smoke", "--vocabs", "257", "320", "--rounds", "2", "--steps", "1"]
+    out = subprocess.run(
+        [sys.executable, script, *args], capture_output=True, text=True, env=env, timeout=300, check=False
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.splitlines()[0])
+    rows = report["results"]
+    assert [r["vocab_size"] for r in rows] == [257, 320]
+    assert rows[0]["speedup_vs_first"] == 1.0
+    for row in rows:
+        assert len(row["step_s_rounds"]) == 2 and row["step_s_median"] > 0
+        assert math.isfinite(row["last_loss"]) and row["compile_s"] > 0
+    assert "vs 257" in out.stdout  # the table
