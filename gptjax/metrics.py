@@ -22,18 +22,26 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax.errors import GptjaxError
+from gptjax.targets import GENERATIONS
 
-# Dense peak FLOP/s per device (per chip for TPUs), from the vendors' data sheets.
-# fp32 on TPUs runs through the MXU's bf16 passes; the figure given is the bf16 peak / 3
-# (XLA's default "highest" fp32 precision uses 3 passes). GPU fp32 is the non-tensor-core rate.
+# Dense peak FLOP/s per device (per chip for TPUs). TPU figures are the generations' table
+# in gptjax.targets (the one place they are written); fp32 on TPUs runs through the MXU's
+# bf16 passes, so it is the bf16 peak / 3 (XLA's default "highest" fp32 precision uses 3
+# passes). GPU figures are from NVIDIA's data sheets; fp32 is the non-tensor-core rate.
+_TPU_KINDS = {  # jax device_kind prefix -> generation
+    "TPU v4": "v4",
+    "TPU v5 lite": "v5e",
+    "TPU v5e": "v5e",
+    "TPU v5p": "v5p",
+    "TPU v5": "v5p",
+    "TPU v6 lite": "v6e",
+    "TPU v6e": "v6e",
+}
 PEAK_FLOPS: dict[str, dict[str, float]] = {
-    "TPU v4": {"bfloat16": 275e12, "float32": 275e12 / 3},
-    "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12 / 3},  # v5e
-    "TPU v5e": {"bfloat16": 197e12, "float32": 197e12 / 3},
-    "TPU v5p": {"bfloat16": 459e12, "float32": 459e12 / 3},
-    "TPU v5": {"bfloat16": 459e12, "float32": 459e12 / 3},
-    "TPU v6 lite": {"bfloat16": 918e12, "float32": 918e12 / 3},  # v6e (Trillium)
-    "TPU v6e": {"bfloat16": 918e12, "float32": 918e12 / 3},
+    **{
+        kind: {"bfloat16": GENERATIONS[gen].peak_flops, "float32": GENERATIONS[gen].peak_flops / 3}
+        for kind, gen in _TPU_KINDS.items()
+    },
     "NVIDIA A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12},
     "NVIDIA H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
     "NVIDIA H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},

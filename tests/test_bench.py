@@ -162,3 +162,20 @@ def test_bench_vocab_smoke_schema():
         assert len(row["step_s_rounds"]) == 2 and row["step_s_median"] > 0
         assert math.isfinite(row["last_loss"]) and row["compile_s"] > 0
     assert "vs 257" in out.stdout  # the table
+
+
+@pytest.mark.parametrize("kind, generation", [("TPU v5 lite", "v5e"), ("TPU v6e", "v6e"), ("TPU v4", "v4")])
+def test_tpu_peaks_come_from_the_generations_table(monkeypatch, kind, generation):
+    """MFU on a TPU and `gptjax plan` read one table (gptjax.targets.GENERATIONS)."""
+    import jax
+
+    from gptjax import metrics
+    from gptjax.targets import GENERATIONS
+
+    class FakeTpu:
+        platform, device_kind = "tpu", kind
+
+    monkeypatch.setattr(jax, "devices", lambda: [FakeTpu()])
+    peak = GENERATIONS[generation].peak_flops
+    assert metrics.peak_flops("bfloat16") == (peak, f"table ({kind}, bfloat16)")
+    assert metrics.peak_flops("float32")[0] == pytest.approx(peak / 3)
