@@ -585,6 +585,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"gptjax {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a collective whose peer died: one line, not a traceback
+        from gptjax import peers
+
+        if not args.debug and peers.caused_by_lost_peer(e):
+            peers.peer_lost()
+        raise
 
 
 if __name__ == "__main__":
