@@ -79,7 +79,10 @@ def filter_native_stderr() -> None:
 
         # JAX's shutdown barrier (its own atexit hook, which would run after this one)
         # fails loudly when a peer died at the end: run it while the filter is on.
-        jax.distributed.shutdown()
+        try:
+            jax.distributed.shutdown()
+        except Exception:  # the barrier failed: a peer died at the end
+            peer_lost()
         with contextlib.suppress(OSError, ValueError):
             sys.stderr.flush()
         os.dup2(_real_stderr, 2)  # closes our write end: the thread reads to the end
