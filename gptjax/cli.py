@@ -161,7 +161,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _cmd_launch(args: argparse.Namespace) -> int:
     from gptjax.launch import launch
 
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    command = args.launched[1:] if args.launched[:1] == ["--"] else args.launched
     return launch(
         command, processes=args.processes, devices_per_process=args.devices_per_process, port=args.port
     )
@@ -440,9 +440,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--processes", type=int, required=True)
     p.add_argument("--devices-per-process", type=int, default=1, help="fake CPU devices per process")
     p.add_argument("--port", type=int, default=0, help="coordinator port (default: a free one)")
-    p.add_argument(
-        "command", nargs=argparse.REMAINDER, help="-- then the gptjax command, e.g. -- train quickstart"
-    )
+    p.add_argument(  # not dest "command": that names the subcommand in error lines
+        "launched", metavar="command", nargs=argparse.REMAINDER,
+        help="-- then the gptjax command, e.g. -- train quickstart",
+    )  # fmt: skip
     p.set_defaults(func=_cmd_launch)
 
     p = sub.add_parser(
@@ -585,6 +586,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"gptjax {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a collective whose peer died: one line, not a traceback
+        from gptjax import peers
+
+        if not args.debug and peers.caused_by_lost_peer(e):
+            peers.peer_lost()
+        raise
 
 
 if __name__ == "__main__":

@@ -15,12 +15,21 @@ import warnings
 
 from gptjax.errors import GptjaxWarning
 
+_quiet = False
+
+
+def is_quiet() -> bool:
+    """Whether :func:`quiet_libraries` ran (the CLI without ``--debug``)."""
+    return _quiet
+
 
 def quiet_libraries() -> None:
     """Hide INFO/WARNING lines of absl, TensorFlow and the XLA/TSL C++ runtime (idempotent).
 
     Call before JAX or TensorFlow is imported: their C++ loggers read the environment once.
     """
+    global _quiet
+    _quiet = True
     # C++ INFO and WARNING of TensorFlow, XLA and TSL (oneDNN, Gloo, "Logging before InitGoogle").
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")

@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from gptjax import peers, quiet
 from gptjax.config import MeshConfig
 from gptjax.errors import GptjaxError
 
@@ -239,15 +240,19 @@ def initialize_distributed() -> bool:
         return False
     if env.get("JAX_PLATFORMS", "").startswith("cpu"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if quiet.is_quiet():  # not under --debug, which shows the runtime's own lines
+        peers.filter_native_stderr()
+    timeouts = {"heartbeat_timeout_seconds": peers.HEARTBEAT_TIMEOUT_SECONDS}
     try:
         if explicit:
             jax.distributed.initialize(
                 coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
                 num_processes=int(env["JAX_NUM_PROCESSES"]),
                 process_id=int(env["JAX_PROCESS_ID"]),
+                **timeouts,
             )
         else:
-            jax.distributed.initialize()
+            jax.distributed.initialize(**timeouts)
     except KeyError as e:
         raise GptjaxError(f"JAX_COORDINATOR_ADDRESS is set but {e.args[0]} is not: set both") from e
     except RuntimeError as e:

@@ -300,3 +300,49 @@ def test_random_input_never_shows_a_traceback(argv, content, assets, capsys, mon
     code, err, escaped = _run(_fill(argv, {**paths, "fuzz_file": fuzz_file}), capsys)
     verdict = _classify(code, err, escaped)
     assert verdict in ("clean", "accepted"), f"{argv}: exit {code}; stderr:\n{err}{escaped}"
+
+
+bad_counts = st.sampled_from(["0", "-1", "x", "", "1.5", "10**3"])
+sources = st.sampled_from(["{run}", "{damaged_run}", "{fuzz_file}", "{empty_dir}", "{tmp}/missing"])
+targets = st.sampled_from(["{out}", "{fuzz_file}", "{run}", "{tmp}"])
+
+
+@st.composite
+def train_convert_and_launch_lines(draw):
+    command = draw(st.sampled_from(["train", "train-file", "import-hf", "export-hf", "launch"]))
+    if command == "train":  # the resolved config only: the overrides are what is fuzzed
+        stop_at = [a for value in draw(st.lists(small_ints, max_size=1)) for a in ("--stop-at", value)]
+        return ["train", "nano", "data.source={corpus}", *draw(overrides), *stop_at, "--print-config"]
+    if command == "train-file":
+        return ["train", "{fuzz_file}", "--print-config"]
+    if command == "import-hf":  # the fuzzed file is the Hugging Face config.json
+        return ["import-hf", draw(st.sampled_from(["{fuzz_dir}", "{hf}", "{fuzz_file}"])), "{out}",
+                "--tokenizer", draw(st.one_of(texts, st.sampled_from(["gpt2", "bytes"])))]  # fmt: skip
+    if command == "export-hf":
+        return ["export-hf", draw(sources), draw(targets)]
+    processes = draw(st.one_of(bad_counts, st.just("1")))
+    tail = ["--", "info", "nano", *draw(overrides)] if processes != "1" else []  # never starts one
+    return ["launch", "--processes", processes, "--devices-per-process", draw(bad_counts), *tail]
+
+
+@pytest.mark.slow
+@settings(FUZZ, max_examples=40)
+@given(argv=train_convert_and_launch_lines(), content=file_contents, n=st.integers(0, 10**9))
+def test_random_input_to_train_convert_and_launch_never_shows_a_traceback(
+    argv, content, n, assets, capsys, monkeypatch
+):
+    paths, cache = assets
+    monkeypatch.setenv("GPTJAX_CACHE_DIR", str(cache))
+    monkeypatch.chdir(paths["tmp"])
+    fuzz_dir = os.path.join(paths["tmp"], f"fuzz-hf-{n}")
+    os.makedirs(fuzz_dir, exist_ok=True)
+    with open(os.path.join(fuzz_dir, "config.json"), "wb") as f:
+        f.write(content)
+    fuzz_file = os.path.join(paths["tmp"], "fuzz.py")
+    with open(fuzz_file, "wb") as f:
+        f.write(content)
+    out = os.path.join(paths["tmp"], f"out-{n}")
+    filled = _fill(argv, {**paths, "fuzz_file": fuzz_file, "fuzz_dir": fuzz_dir, "out": out})
+    code, err, escaped = _run(filled, capsys)
+    verdict = _classify(code, err, escaped)
+    assert verdict in ("clean", "accepted"), f"{filled}: exit {code}; stderr:\n{err}{escaped}"

@@ -311,3 +311,10 @@ def test_debug_shows_the_traceback_in_a_subprocess(tmp_path):
     )  # fmt: skip
     assert plain.returncode == 2 and plain.stderr.count("\n") == 1, plain.stderr
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "GptjaxError" in debug.stderr
+
+
+@pytest.mark.parametrize("row", [row for row in ROWS if row[1][:1] == ["launch"]], ids=lambda row: row[0])
+def test_launch_errors_name_the_command(row, capsys):
+    capsys.readouterr()
+    assert _run(row[1]) == 2
+    assert capsys.readouterr().err.startswith("gptjax launch: error: ")

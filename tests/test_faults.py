@@ -208,3 +208,18 @@ def test_the_best_checkpoint_by_val_loss_is_kept_with_the_latest(tmp_path):
         ckpt.save(step, state, {"step": step}, metrics={"val_loss": loss})
     ckpt.close()
     assert sorted(Checkpointer(tmp_path / "checkpoints", read_only=True).all_steps()) == [2, 4]
+
+
+def test_reading_a_run_leaves_an_in_progress_save_alone(corpus, tmp_path):
+    """sample/eval during training open the checkpoints read-only: orbax's clean-up of
+    temporary directories would delete the save that the trainer is writing."""
+    from gptjax import runs
+
+    run_dir = tmp_path / "run"
+    train_lib.train(_config(corpus, run_dir), stop_at=2)
+    in_progress = run_dir / "checkpoints" / "4.orbax-checkpoint-tmp-1234567"
+    in_progress.mkdir()
+    (in_progress / "part").write_bytes(b"\x00" * 64)
+    runs.read_config(run_dir)
+    runs.load(run_dir)
+    assert (in_progress / "part").exists()

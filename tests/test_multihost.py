@@ -17,10 +17,11 @@ import jax
 import numpy as np
 import pytest
 
-from gptjax import sharding
+from gptjax import peers, sharding
 from gptjax.checkpoint import Checkpointer
 from gptjax.config import MeshConfig, load_config
-from gptjax.launch import GRACE_SECONDS
+from gptjax.errors import EXIT_PEER_LOST
+from gptjax.launch import GRACE_SECONDS, _free_port
 
 train_lib = importlib.import_module("gptjax.train")
 REPO = Path(__file__).resolve().parents[1]
@@ -123,3 +124,50 @@ def test_launcher_stops_everything_when_one_process_dies(corpus, tmp_path):
     assert elapsed < GRACE_SECONDS + 5, elapsed
     for pid in children:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def _by_hand(corpus, run_dir):
+    """2 processes x 2 CPU devices started without the launcher (as on two hosts)."""
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = {
+            **os.environ,
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+            "JAX_NUM_PROCESSES": "2",
+            "JAX_PROCESS_ID": str(rank),
+        }
+        cmd = [sys.executable, "-m", "gptjax.cli", "train", "nano", *_overrides(corpus, "train.steps=100000")]
+        procs.append(
+            subprocess.Popen(
+                [*cmd, "--run-dir", str(run_dir)], cwd=REPO, env=env, text=True,
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            )
+        )  # fmt: skip
+    return procs
+
+
+@pytest.mark.parametrize("case", ["worker-dies", "coordinator-dies", "worker-hangs"])
+def test_a_lost_peer_is_one_line_within_seconds(corpus, tmp_path, case):
+    procs = _by_hand(corpus, tmp_path / "run")
+    try:
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        deadline = time.time() + 300
+        while not (metrics.exists() and metrics.stat().st_size > 0):
+            assert time.time() < deadline and all(p.poll() is None for p in procs), "training never started"
+            time.sleep(0.5)
+        victim, survivor = procs[::-1] if case.startswith("worker") else procs
+        t0 = time.time()
+        victim.send_signal(signal.SIGSTOP if case.endswith("hangs") else signal.SIGKILL)
+        _, err = survivor.communicate(timeout=120)
+        elapsed = time.time() - t0
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert survivor.returncode == EXIT_PEER_LOST, err[-3000:]
+    assert lines == [peers.MESSAGE], err[-3000:]
+    # Seconds on an idle machine (0 s for a death, the heartbeat timeout for a hang).
+    assert elapsed < 60, elapsed

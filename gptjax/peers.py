@@ -1,0 +1,109 @@
+"""A lost peer of a multi-process run is one line and exit code 3, within seconds.
+
+When another process of a ``jax.distributed`` run dies or hangs, JAX's C++ runtime ends
+the survivors with a fatal log and a stack dump (20-50 lines, exit 134), and only after
+its heartbeat timeout (100 s by default) when the lost process was not the coordinator.
+Two things here make that one line (:data:`MESSAGE`) and :data:`EXIT_PEER_LOST`:
+
+* :func:`filter_native_stderr` passes this process's file descriptor 2 through a thread
+  that, on the first line in which the coordination service reports a failure, prints the
+  message and ends the process before the C++ runtime has written its stack dump (the
+  runtime offers no Python callback: its ``missed_heartbeat_callback`` cannot be given the
+  status it is called with);
+* the CLI asks :func:`caused_by_lost_peer` about an exception it did not expect: a
+  collective whose peer's connection broke (gloo's "Connection reset by peer") is the
+  same one line;
+* :data:`HEARTBEAT_TIMEOUT_SECONDS` lowers JAX's heartbeat timeout, the time in which the
+  coordinator notices a worker that died or stopped (SIGKILL, SIGSTOP, a lost host).
+
+The filter is installed only for multi-process runs and only without ``--debug``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import re
+import sys
+import threading
+
+from gptjax.errors import EXIT_PEER_LOST
+
+HEARTBEAT_TIMEOUT_SECONDS = 10
+MESSAGE = (
+    "gptjax: error: another process of this multi-process run died or stopped responding, so this "
+    "one stopped too; the checkpoints saved so far are intact: restart every process to resume"
+)
+
+# A C++ log line ("E1203 05:42:03.139093    1167 file.cc:289] ...") from the parts of the
+# runtime that report a task as dead, unreachable or unhealthy.
+_PEER_FAILURE = re.compile(
+    r"^[EF]\d{4} [\d:.]+\s+\d+ (coordination_service\w*|client|preemption_sync_manager)\.(cc|h):\d+\]"
+)
+
+# What a collective raises when its peer's connection broke (gloo on CPU).
+_LOST_CONNECTION = re.compile(r"Gloo .* failed|Connection (reset|closed) by peer|Broken pipe")
+
+_real_stderr: int | None = None  # the terminal's (or file's) descriptor while filtering
+
+
+def peer_lost() -> None:
+    """Print :data:`MESSAGE` and end this process at once with :data:`EXIT_PEER_LOST`."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.flush()
+    os.write(_real_stderr if _real_stderr is not None else 2, (MESSAGE + "\n").encode())
+    os._exit(EXIT_PEER_LOST)
+
+
+def caused_by_lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that failed because a peer process went away."""
+    return _real_stderr is not None and bool(_LOST_CONNECTION.search(str(error)))
+
+
+def filter_native_stderr() -> None:
+    """Route descriptor 2 (Python's and C++'s stderr) through the filter; idempotent."""
+    global _real_stderr
+    if _real_stderr is not None:
+        return
+    sys.stderr.flush()
+    _real_stderr = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    thread = threading.Thread(target=_forward, args=(read_end, _real_stderr), daemon=True)
+    thread.start()
+
+    def restore():  # at exit: the lines still in the pipe reach the terminal
+        import jax
+
+        # JAX's shutdown barrier (its own atexit hook, which would run after this one)
+        # fails loudly when a peer died at the end: run it while the filter is on.
+        try:
+            jax.distributed.shutdown()
+        except Exception:  # the barrier failed: a peer died at the end
+            peer_lost()
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()
+        os.dup2(_real_stderr, 2)  # closes our write end: the thread reads to the end
+        thread.join(timeout=2)
+
+    atexit.register(restore)
+
+
+def _forward(read_end: int, out: int) -> None:
+    with os.fdopen(read_end, "rb", buffering=0) as pipe:
+        pending = b""
+        while chunk := pipe.read(65536):
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                _one(line, out)
+        if pending:
+            _one(pending, out)
+
+
+def _one(line: bytes, out: int) -> None:
+    text = line.decode("utf-8", "replace")
+    if _PEER_FAILURE.match(text):
+        peer_lost()
+    os.write(out, line + b"\n")
