@@ -13,8 +13,9 @@ Two things here make that one line (:data:`MESSAGE`) and :data:`EXIT_PEER_LOST`:
 * the CLI asks :func:`caused_by_lost_peer` about an exception it did not expect: a
   collective whose peer's connection broke (gloo's "Connection reset by peer") is the
   same one line;
-* :data:`HEARTBEAT_TIMEOUT_SECONDS` lowers JAX's heartbeat timeout, the time in which the
-  coordinator notices a worker that died or stopped (SIGKILL, SIGSTOP, a lost host).
+* :func:`heartbeat_timeout` lowers JAX's heartbeat timeout, the time in which the
+  coordinator notices a worker that died or stopped (SIGKILL, SIGSTOP, a lost host);
+  ``GPTJAX_HEARTBEAT_TIMEOUT`` (seconds) sets it where hosts pause longer than that.
 
 The filter is installed only for multi-process runs and only without ``--debug``.
 """
@@ -28,7 +29,7 @@ import re
 import sys
 import threading
 
-from gptjax.errors import EXIT_PEER_LOST
+from gptjax.errors import EXIT_PEER_LOST, GptjaxError
 
 HEARTBEAT_TIMEOUT_SECONDS = 10
 MESSAGE = (
@@ -46,6 +47,16 @@ _PEER_FAILURE = re.compile(
 _LOST_CONNECTION = re.compile(r"Gloo .* failed|Connection (reset|closed) by peer|Broken pipe")
 
 _real_stderr: int | None = None  # the terminal's (or file's) descriptor while filtering
+
+
+def heartbeat_timeout(env) -> int:
+    """Seconds without a heartbeat after which a peer counts as lost (env override)."""
+    value = env.get("GPTJAX_HEARTBEAT_TIMEOUT", "").strip()
+    if not value:
+        return HEARTBEAT_TIMEOUT_SECONDS
+    if not value.isdigit() or int(value) < 1:
+        raise GptjaxError(f"GPTJAX_HEARTBEAT_TIMEOUT={value!r} must be a whole number of seconds >= 1")
+    return int(value)
 
 
 def peer_lost() -> None:

@@ -242,7 +242,7 @@ def initialize_distributed() -> bool:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if quiet.is_quiet():  # not under --debug, which shows the runtime's own lines
         peers.filter_native_stderr()
-    timeouts = {"heartbeat_timeout_seconds": peers.HEARTBEAT_TIMEOUT_SECONDS}
+    timeouts = {"heartbeat_timeout_seconds": peers.heartbeat_timeout(env)}
     try:
         if explicit:
             jax.distributed.initialize(

@@ -90,10 +90,13 @@ def pytest_collection_modifyitems(config, items):
         return
     env = {**os.environ, "GPTJAX_TEST_DEVICES": "8", "XLA_FLAGS": _XLA_FLAGS}
     args = ["-p", "no:cacheprovider", "-q", *(["-x"] if config.option.maxfail == 1 else [])]
-    log = tempfile.TemporaryFile(mode="w+")
+    log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115  (read and closed at session end)
     proc = subprocess.Popen(
         [sys.executable, "-m", "pytest", *args, *(item.nodeid for item in multi)],
-        env=env, cwd=config.rootpath, stdout=log, stderr=subprocess.STDOUT,
+        env=env,
+        cwd=config.rootpath,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     config.stash[_MULTI] = (len(multi), proc, log)
 
@@ -106,11 +109,13 @@ def pytest_sessionfinish(session, exitstatus):
     if exitstatus not in (0, 1):  # interrupted or an internal error: stop the other one too
         proc.terminate()
         proc.wait()
+        log.close()
         return
     rc = proc.wait()
     log.seek(0)
     print(f"\n--- {count} multidevice test(s), run beside these on 8 devices in a subprocess ---")
     print(log.read(), end="", flush=True)
+    log.close()
     if rc != 0:
         session.exitstatus = rc
 
