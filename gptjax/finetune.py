@@ -40,7 +40,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from gptjax import fields, sharding
+from gptjax import checkpoint, fields, sharding
 from gptjax import finetune_data as fdata
 from gptjax import train as train_lib
 from gptjax.checkpoint import Checkpointer
@@ -354,7 +354,7 @@ def _start_record(run_dir: Path, record: dict) -> list[dict]:
                 "new directory (the same config resumes it)"
             )
         return list(previous.get("history", []))
-    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+    if checkpoint.steps(run_dir / "checkpoints"):
         raise GptjaxError(f"{str(run_dir)!r} already holds a run: set run_dir= to a new directory")
     _write_record(run_dir, record, [])
     return []
