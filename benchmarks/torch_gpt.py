@@ -6,9 +6,9 @@ the token embedding. Attention is ``F.scaled_dot_product_attention(is_causal=Tru
 
 The training step matches gptjax's: mean next-token cross-entropy, gradients clipped to
 global norm ``grad_clip``, then AdamW with weight decay on the weight matrices only
-(not embeddings, biases or LayerNorms). :func:`load_gptjax_params` copies a gptjax
-parameter tree into the model so that both compute the same function on the same
-weights; the benchmark checks their step-0 losses agree before it times anything.
+(not embeddings, biases or LayerNorms). :func:`load_hf_state_dict` copies gptjax's
+weights (``gptjax.interop.hf_state_dict``) into the model so that both compute the same
+function on the same weights; the benchmark checks their step-0 losses agree before it times anything.
 """
 
 from __future__ import annotations
@@ -121,39 +121,36 @@ def train_step(model: GPT, optimizer: torch.optim.Optimizer, batch: torch.Tensor
 
 
 @torch.no_grad()
-def load_gptjax_params(model: GPT, params: Mapping) -> None:
-    """Copy a gptjax parameter tree (``nnx.State`` as nested dicts of arrays) into ``model``.
+def load_hf_state_dict(model: GPT, tensors: Mapping[str, np.ndarray]) -> None:
+    """Copy HF GPT-2 tensors (``gptjax.interop.hf_state_dict``) into ``model``.
 
-    gptjax stores block parameters stacked over a leading layer axis, the QKV kernel as
-    (D, 3, N, H) and the attention projection as (N, H, D); torch's ``Linear`` stores
-    (out, in), so every kernel is flattened to (in, out) and transposed.
+    HF's ``Conv1D`` kernels are (in, out); torch's ``Linear`` stores (out, in), so they
+    are transposed.
     """
 
-    def get(*path):
-        node = params
-        for key in path:
-            node = node[key]
-        return torch.from_numpy(np.array(node, dtype=np.float32))
+    def get(name: str, transpose: bool = False) -> torch.Tensor:
+        value = torch.from_numpy(np.array(tensors[name], dtype=np.float32))
+        return value.T if transpose else value
 
-    d = model.wte.weight.shape[1]
-    model.wte.weight.copy_(get("wte"))
-    model.wpe.weight.copy_(get("wpe")[: model.wpe.weight.shape[0]])
-    model.ln_f.weight.copy_(get("ln_f", "scale"))
-    model.ln_f.bias.copy_(get("ln_f", "bias"))
+    model.wte.weight.copy_(get("transformer.wte.weight"))
+    model.wpe.weight.copy_(get("transformer.wpe.weight")[: model.wpe.weight.shape[0]])
+    model.ln_f.weight.copy_(get("transformer.ln_f.weight"))
+    model.ln_f.bias.copy_(get("transformer.ln_f.bias"))
     for i, block in enumerate(model.h):
+        p = f"transformer.h.{i}."
         pairs = {
-            block.ln_1.weight: get("h", "ln_1", "scale")[i],
-            block.ln_1.bias: get("h", "ln_1", "bias")[i],
-            block.ln_2.weight: get("h", "ln_2", "scale")[i],
-            block.ln_2.bias: get("h", "ln_2", "bias")[i],
-            block.c_attn.weight: get("h", "attn", "c_attn")[i].reshape(d, 3 * d).T,
-            block.c_attn.bias: get("h", "attn", "c_attn_bias")[i].reshape(3 * d),
-            block.attn_proj.weight: get("h", "attn", "c_proj")[i].reshape(d, d).T,
-            block.attn_proj.bias: get("h", "attn", "c_proj_bias")[i],
-            block.c_fc.weight: get("h", "mlp", "c_fc")[i].T,
-            block.c_fc.bias: get("h", "mlp", "c_fc_bias")[i],
-            block.mlp_proj.weight: get("h", "mlp", "c_proj")[i].T,
-            block.mlp_proj.bias: get("h", "mlp", "c_proj_bias")[i],
+            block.ln_1.weight: get(p + "ln_1.weight"),
+            block.ln_1.bias: get(p + "ln_1.bias"),
+            block.ln_2.weight: get(p + "ln_2.weight"),
+            block.ln_2.bias: get(p + "ln_2.bias"),
+            block.c_attn.weight: get(p + "attn.c_attn.weight", transpose=True),
+            block.c_attn.bias: get(p + "attn.c_attn.bias"),
+            block.attn_proj.weight: get(p + "attn.c_proj.weight", transpose=True),
+            block.attn_proj.bias: get(p + "attn.c_proj.bias"),
+            block.c_fc.weight: get(p + "mlp.c_fc.weight", transpose=True),
+            block.c_fc.bias: get(p + "mlp.c_fc.bias"),
+            block.mlp_proj.weight: get(p + "mlp.c_proj.weight", transpose=True),
+            block.mlp_proj.bias: get(p + "mlp.c_proj.bias"),
         }
         for target, source in pairs.items():
             target.copy_(source)

@@ -1,9 +1,7 @@
 """Attention maps: every head's attention probabilities of one layer, drawn as heat maps.
 
-The probabilities are recomputed from the model's weights, ``softmax(q k^T / sqrt(H))``
-under the causal mask, from the layer's own ``Attention.qkv`` applied to the hidden
-state entering that layer, so the model needs no hook and the fast attention kernels
-(which never materialise probabilities) stay as they are.
+The probabilities come from the model's own forward pass (``model(tokens, attention=True)``),
+which then takes the plain softmax path in every layer instead of a fused kernel.
 """
 
 from __future__ import annotations
@@ -15,10 +13,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from gptjax.errors import GptjaxError
-from gptjax.model import GPT, Block
+from gptjax.model import GPT
 
 
 class AttentionMaps(NamedTuple):
@@ -29,39 +26,16 @@ class AttentionMaps(NamedTuple):
     path: Path | None  # the PNG
 
 
-def layer_block(model: GPT, layer: int) -> Block:
-    """Block ``layer`` of the stacked layers, as a module."""
-    n_layer = model.config.n_layer
-    if not 0 <= layer < n_layer:
-        raise GptjaxError(f"layer {layer} does not exist: the model has layers 0..{n_layer - 1}")
-    graphdef, stacked = nnx.split(model.h)
-    return nnx.merge(graphdef, jax.tree.map(lambda a: a[layer], stacked))
-
-
-def layer_input(model: GPT, tokens: jax.Array, layer: int) -> jax.Array:
-    """The residual stream (B, T, D) entering block ``layer`` for tokens (B, T)."""
-    b, t = tokens.shape
-    if t > model.config.block_size:
-        raise GptjaxError(
-            f"the prompt has {t} tokens, more than the model's block_size ({model.config.block_size})"
-        )
-    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    x = model.embed(tokens, positions)
-    for i in range(layer):
-        x = layer_block(model, i)(x, positions, None)[0]
-    return x
-
-
 def attention_probs(model: GPT, tokens: jax.Array, layer: int) -> jax.Array:
     """Attention probabilities (B, N, T, T) of block ``layer`` for tokens (B, T), in float32."""
-    block = layer_block(model, layer)
-    x = layer_input(model, tokens, layer)
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    q, k, _ = block.attn.qkv(block.ln_1(x), positions)  # (B, T, N, H)
-    scores = jnp.einsum("BTNH,BSNH->BNTS", q, k).astype(jnp.float32) / math.sqrt(model.config.head_dim)
-    t = tokens.shape[1]
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    return jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)
+    n_layer, block_size = model.config.n_layer, model.config.block_size
+    if not 0 <= layer < n_layer:
+        raise GptjaxError(f"layer {layer} does not exist: the model has layers 0..{n_layer - 1}")
+    if tokens.shape[1] > block_size:
+        raise GptjaxError(
+            f"the prompt has {tokens.shape[1]} tokens, more than the model's block_size ({block_size})"
+        )
+    return model(tokens, attention=True)[1][layer]
 
 
 def token_labels(tokenizer, tokens: list[int]) -> list[str]:

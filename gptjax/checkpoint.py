@@ -121,6 +121,15 @@ def _val_loss(metrics: Any) -> float:
     return float(value) if value is not None and math.isfinite(value) else float("inf")
 
 
+def steps(directory: str | Path) -> list[int]:
+    """The finished checkpoint steps in ``directory``, oldest first ([] if there is none).
+
+    Orbax decides what a step is: set-aside (``5.unreadable``) and temporary
+    (``.orbax-checkpoint-tmp``) directories are not steps.
+    """
+    return sorted(ocp.utils.checkpoint_steps(directory)) if Path(directory).is_dir() else []
+
+
 class Checkpointer:
     """Saves and restores train states under ``directory`` (one orbax CheckpointManager)."""
 

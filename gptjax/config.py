@@ -14,50 +14,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import numbers
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from gptjax.errors import GptjaxError
+from gptjax.fields import check, check_types, positive
 
 _DTYPES = ("float32", "bfloat16", "float16")
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise GptjaxError(message)
-
-
-def _positive(obj: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        _check(value >= 1, f"{name} ({value}) must be >= 1")
-
-
-def _choices(obj: Any) -> None:
-    # Literal fields are checked here, not only by the override parser: a config file
-    # that builds ModelConfig(position="alibi") must fail, not train a model without positions.
-    # So are the types of int and float fields (n_layer=2.5, lr=inf from a file).
-    for name, annotation in typing.get_type_hints(type(obj)).items():
-        value = getattr(obj, name)
-        if annotation in (int, float):
-            what = "an integer" if annotation is int else "a finite number"
-            ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-            if annotation is float:
-                ok = (
-                    ok or isinstance(value, numbers.Real) and not isinstance(value, bool)
-                ) and math.isfinite(value)
-            _check(ok, f"{name} ({value!r}) must be {what}")
-        if annotation is str:  # a lone surrogate (invalid UTF-8 on the command line) encodes nowhere
-            _check(isinstance(value, str), f"{name} ({value!r}) must be a string")
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise GptjaxError(f"{name} ({value!r}) is not valid UTF-8 text") from None
-        if typing.get_origin(annotation) is Literal:
-            value, choices = getattr(obj, name), typing.get_args(annotation)
-            _check(value in choices, f"{name} ({value!r}) must be one of {list(choices)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,19 +77,19 @@ class ModelConfig:
     scan_layers: bool = True
 
     def __post_init__(self) -> None:
-        _choices(self)
-        _positive(self, "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio")
-        _check(
+        check_types(self)
+        positive(self, "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio")
+        check(
             self.n_embd % self.n_head == 0,
             f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})",
         )
         if self.position == "rope":
             head_dim = self.n_embd // self.n_head
-            _check(head_dim % 2 == 0, f"rope needs an even head dim, got n_embd/n_head = {head_dim}")
+            check(head_dim % 2 == 0, f"rope needs an even head dim, got n_embd/n_head = {head_dim}")
         for name in ("embd_dropout", "attn_dropout", "resid_dropout"):
             value = getattr(self, name)
-            _check(0.0 <= value < 1.0, f"{name} ({value}) must be in [0, 1)")
-        _check(self.layer_norm_epsilon > 0, f"layer_norm_epsilon ({self.layer_norm_epsilon}) must be > 0")
+            check(0.0 <= value < 1.0, f"{name} ({value}) must be in [0, 1)")
+        check(self.layer_norm_epsilon > 0, f"layer_norm_epsilon ({self.layer_norm_epsilon}) must be > 0")
 
     @property
     def head_dim(self) -> int:
@@ -168,14 +131,14 @@ class DataConfig:
     mixture: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        _choices(self)
-        _check(bool(self.source), "data.source must not be empty")
+        check_types(self)
+        check(bool(self.source), "data.source must not be empty")
         if isinstance(self.mixture, str):  # From the command line: comma-separated.
             object.__setattr__(self, "mixture", tuple(p for p in self.mixture.split(",") if p.strip()))
         object.__setattr__(self, "mixture", tuple(self.mixture))
         parse_mixture(self.mixture)
-        _check(0.0 <= self.val_fraction < 1.0, f"val_fraction ({self.val_fraction}) must be in [0, 1)")
-        _check(self.prefetch >= 0, f"prefetch ({self.prefetch}) must be >= 0")
+        check(0.0 <= self.val_fraction < 1.0, f"val_fraction ({self.val_fraction}) must be in [0, 1)")
+        check(self.prefetch >= 0, f"prefetch ({self.prefetch}) must be >= 0")
 
 
 def parse_mixture(mixture: tuple[str, ...]) -> list[tuple[str, float, str]]:
@@ -188,13 +151,13 @@ def parse_mixture(mixture: tuple[str, ...]) -> list[tuple[str, float, str]]:
             value = float(weight)
         except ValueError:
             value = math.nan
-        _check(
+        check(
             bool(name.strip()) and bool(colon) and bool(source.strip()) and value > 0,
             f"data.mixture part {item!r} must look like name=weight:source, weight > 0 (web=0.7:data/web)",
         )
         parts.append((name.strip(), value, source.strip()))
     names = [n for n, _, _ in parts]
-    _check(len(set(names)) == len(names), f"data.mixture names must differ: {names}")
+    check(len(set(names)) == len(names), f"data.mixture names must differ: {names}")
     return parts
 
 
@@ -232,18 +195,18 @@ class OptimConfig:
     accum_steps: int = 1
 
     def __post_init__(self) -> None:
-        _choices(self)
-        _check(self.lr > 0, f"lr ({self.lr}) must be > 0")
-        _check(0 <= self.min_lr <= self.lr, f"min_lr ({self.min_lr}) must be in [0, lr={self.lr}]")
-        _check(self.warmup_steps >= 0, f"warmup_steps ({self.warmup_steps}) must be >= 0")
-        _check(0 < self.decay_fraction <= 1, f"decay_fraction ({self.decay_fraction}) must be in (0, 1]")
+        check_types(self)
+        check(self.lr > 0, f"lr ({self.lr}) must be > 0")
+        check(0 <= self.min_lr <= self.lr, f"min_lr ({self.min_lr}) must be in [0, lr={self.lr}]")
+        check(self.warmup_steps >= 0, f"warmup_steps ({self.warmup_steps}) must be >= 0")
+        check(0 < self.decay_fraction <= 1, f"decay_fraction ({self.decay_fraction}) must be in (0, 1]")
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
-            _check(0 <= value < 1, f"{name} ({value}) must be in [0, 1)")
-        _check(self.eps > 0, f"eps ({self.eps}) must be > 0")
-        _check(self.weight_decay >= 0, f"weight_decay ({self.weight_decay}) must be >= 0")
-        _check(self.grad_clip >= 0, f"grad_clip ({self.grad_clip}) must be >= 0")
-        _positive(self, "accum_steps")
+            check(0 <= value < 1, f"{name} ({value}) must be in [0, 1)")
+        check(self.eps > 0, f"eps ({self.eps}) must be > 0")
+        check(self.weight_decay >= 0, f"weight_decay ({self.weight_decay}) must be >= 0")
+        check(self.grad_clip >= 0, f"grad_clip ({self.grad_clip}) must be >= 0")
+        positive(self, "accum_steps")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -261,11 +224,11 @@ class MeshConfig:
     tensor: int = 1
 
     def __post_init__(self) -> None:
-        _choices(self)
+        check_types(self)
         sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
         for name, value in sizes.items():
-            _check(value == -1 or value >= 1, f"mesh.{name} ({value}) must be >= 1 or -1")
-        _check(
+            check(value == -1 or value >= 1, f"mesh.{name} ({value}) must be >= 1 or -1")
+        check(
             sum(v == -1 for v in sizes.values()) <= 1,
             f"at most one mesh axis may be -1, got {sizes}",
         )
@@ -311,14 +274,14 @@ class TrainConfig:
     wandb_project: str = ""
 
     def __post_init__(self) -> None:
-        _choices(self)
-        _positive(self, "steps", "batch_size", "log_every", "keep_checkpoints")
+        check_types(self)
+        positive(self, "steps", "batch_size", "log_every", "keep_checkpoints")
         for name in ("eval_every", "eval_max_batches", "checkpoint_every", "sample_every"):
             value = getattr(self, name)
-            _check(value >= 0, f"{name} ({value}) must be >= 0")
-        _check(self.peak_flops >= 0, f"peak_flops ({self.peak_flops}) must be >= 0")
-        _check(self.max_bad_steps >= 0, f"max_bad_steps ({self.max_bad_steps}) must be >= 0")
-        _check(-(2**63) <= self.seed < 2**63, f"seed ({self.seed}) must fit in 64 bits")
+            check(value >= 0, f"{name} ({value}) must be >= 0")
+        check(self.peak_flops >= 0, f"peak_flops ({self.peak_flops}) must be >= 0")
+        check(self.max_bad_steps >= 0, f"max_bad_steps ({self.max_bad_steps}) must be >= 0")
+        check(-(2**63) <= self.seed < 2**63, f"seed ({self.seed}) must fit in 64 bits")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -340,7 +303,7 @@ class SamplingParams:
     min_p: float = 0.0
 
     def __post_init__(self) -> None:
-        _choices(self)  # numbers are numbers (and finite) before their ranges are checked
+        check_types(self)  # numbers are numbers (and finite) before their ranges are checked
         if not 0 <= self.temperature < math.inf:
             raise GptjaxError(f"temperature ({self.temperature}) must be >= 0 and finite (0 is greedy)")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
@@ -374,9 +337,9 @@ class SampleConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _choices(self)
-        _positive(self, "max_new_tokens")
-        _check(self.num_samples >= 0, f"num_samples ({self.num_samples}) must be >= 0")
+        check_types(self)
+        positive(self, "max_new_tokens")
+        check(self.num_samples >= 0, f"num_samples ({self.num_samples}) must be >= 0")
         self.sampling_params  # noqa: B018  (the knobs validate once, as SamplingParams)
 
     @property
@@ -400,22 +363,22 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     def __post_init__(self) -> None:
-        _choices(self)
+        check_types(self)
         from gptjax.tokenizer import known_vocab_size
 
         tok_vocab = known_vocab_size(self.data.tokenizer)
         if tok_vocab is not None:
-            _check(
+            check(
                 self.model.vocab_size >= tok_vocab,
                 f"model.vocab_size ({self.model.vocab_size}) is smaller than tokenizer "
                 f"{self.data.tokenizer!r}'s vocabulary ({tok_vocab})",
             )
-        _check(
+        check(
             self.optim.warmup_steps <= self.train.steps,
             f"optim.warmup_steps ({self.optim.warmup_steps}) is longer than training "
             f"(train.steps = {self.train.steps})",
         )
-        _check(
+        check(
             self.train.batch_size % self.optim.accum_steps == 0,
             f"train.batch_size ({self.train.batch_size}) must be divisible by "
             f"optim.accum_steps ({self.optim.accum_steps})",
@@ -440,7 +403,7 @@ class Config:
                 section_cls = _SECTIONS[key]
                 known = {f.name for f in dataclasses.fields(section_cls)}
                 unknown = set(value) - known
-                _check(not unknown, f"unknown field(s) {sorted(unknown)} in config section {key!r}")
+                check(not unknown, f"unknown field(s) {sorted(unknown)} in config section {key!r}")
                 kwargs[key] = section_cls(**value)
         return cls(**kwargs)
 
@@ -462,7 +425,6 @@ from gptjax.recipes import (  # noqa: E402, F401
     MODEL_PRESETS,
     RUN_PRESETS,
     _from_file,
-    _parse_value,
     _with_model_preset,
     apply_overrides,
     gpt1,

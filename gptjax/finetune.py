@@ -40,8 +40,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from gptjax import checkpoint, fields, sharding
 from gptjax import finetune_data as fdata
-from gptjax import sharding
 from gptjax import train as train_lib
 from gptjax.checkpoint import Checkpointer
 from gptjax.config import Config, MeshConfig, SampleConfig, TrainConfig
@@ -61,7 +61,7 @@ from gptjax.finetune_model import (  # noqa: F401  (the public names of fine-tun
 )
 from gptjax.model import GPT
 from gptjax.optim import lr_schedule
-from gptjax.recipes import _parse_value, load_recipe
+from gptjax.recipes import load_recipe
 
 TASKS = ("classification", "entailment", "similarity", "multiple_choice")
 
@@ -160,17 +160,7 @@ def load_finetune_config(path: str | Path, overrides: list[str] | tuple[str, ...
 
 def apply_overrides(config: FinetuneConfig, overrides: list[str] | tuple[str, ...]) -> FinetuneConfig:
     """Apply ``field=value`` (or ``finetune.field=value``); unknown keys and bad types are errors."""
-    hints = typing.get_type_hints(FinetuneConfig)
-    changes = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip().removeprefix("--").removeprefix("finetune.")
-        if not sep:
-            raise GptjaxError(f"override {item!r} must look like field=value")
-        if key not in hints:
-            raise GptjaxError(f"unknown fine-tune config key {key!r}; fields: {', '.join(hints)}")
-        changes[key] = _parse_value(key, raw, hints[key])
-    return dataclasses.replace(config, **changes)
+    return fields.apply_overrides(config, overrides, what="fine-tune config key", strip="finetune.")
 
 
 # --------------------------------------------------------------------------------------
@@ -364,7 +354,7 @@ def _start_record(run_dir: Path, record: dict) -> list[dict]:
                 "new directory (the same config resumes it)"
             )
         return list(previous.get("history", []))
-    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+    if checkpoint.steps(run_dir / "checkpoints"):
         raise GptjaxError(f"{str(run_dir)!r} already holds a run: set run_dir= to a new directory")
     _write_record(run_dir, record, [])
     return []

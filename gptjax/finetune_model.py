@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from gptjax import layers
 from gptjax.config import OptimConfig
-from gptjax.model import GPT, _dropout, abstract
+from gptjax.model import GPT, abstract
 from gptjax.optim import group_adamw, lr_schedule, weight_decay_mask
 from gptjax.tree import param_names
 
@@ -62,7 +63,7 @@ def head_logits(
     k_body, k_head = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
     hidden = model.hidden(tokens.reshape(b * k, t), dropout_key=k_body)  # (BK, T, D)
     at = jnp.take_along_axis(hidden, extract_at.reshape(b * k, 1, 1), axis=1)[:, 0]  # (BK, D)
-    at = _dropout(at.reshape(b, k, -1).astype(jnp.float32), dropout, k_head)
+    at = layers.dropout(at.reshape(b, k, -1).astype(jnp.float32), dropout, k_head)
     if task == "similarity":
         at = at.sum(1, keepdims=True)
     scores = jnp.einsum("BKD,DO->BKO", at, head["w"]) + head["b"]

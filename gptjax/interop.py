@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax
@@ -172,9 +173,8 @@ def from_hf(path: str | Path, *, tokenizer: str = "gpt2") -> tuple[Config, nnx.S
 def to_hf(model: GPT, path: str | Path, *, eos_token_id: int | None = None) -> Path:
     """Write ``model`` as a directory that ``GPT2LMHeadModel.from_pretrained`` loads.
 
-    Writes ``config.json`` and ``model.safetensors`` (float32, named as transformers'
-    ``save_pretrained`` names them). A model without biases is written with zero biases,
-    which computes the same function.
+    Writes ``config.json`` (:func:`hf_config`) and ``model.safetensors``
+    (:func:`hf_state_dict`, named as transformers' ``save_pretrained`` names them).
 
     Args:
         model: A GPT with learned positions (HF GPT-2 has no rotary embeddings).
@@ -195,18 +195,7 @@ def to_hf(model: GPT, path: str | Path, *, eos_token_id: int | None = None) -> P
             f"only GPT-2-compatible models can be exported: position={cfg.position!r}, but HF GPT-2 has "
             "learned positions only (train with model.position=learned)"
         )
-    ours = {name: np.asarray(value, np.float32) for name, value in _named_leaves(nnx.state(model, nnx.Param))}
-    tensors = {}
-    # Every tensor of the same model with biases: a bias-free model's are zeros.
-    for name, abstract in _named_leaves(_abstract_params(dataclasses.replace(cfg, bias=True))):
-        value = ours.get(name, np.zeros(abstract.shape, np.float32))
-        if name.startswith("h."):
-            hf_shape = _HF_SHAPES.get(name[2:], tuple)(abstract.shape[1:])
-            for i in range(cfg.n_layer):
-                hf_name = f"transformer.h.{i}.{_hf_name(name[2:])}"
-                tensors[hf_name] = np.ascontiguousarray(value[i].reshape(hf_shape))
-        else:  # HF's head sits outside its "transformer" module
-            tensors[("" if name == "lm_head" else "transformer.") + _hf_name(name)] = value
+    tensors = hf_state_dict(model)
     from gptjax.runs import ensure_dir
 
     directory = ensure_dir(path)
@@ -221,7 +210,42 @@ def to_hf(model: GPT, path: str | Path, *, eos_token_id: int | None = None) -> P
     os.umask(umask)
     temporary.chmod(0o666 & ~umask)
     os.replace(temporary, directory / "model.safetensors")  # never a half-written file in place
-    hf_config = {
+    (directory / "config.json").write_text(
+        json.dumps(hf_config(cfg, eos_token_id=eos_token_id), indent=2) + "\n"
+    )
+    return directory
+
+
+def hf_state_dict(model: GPT | nnx.State | Mapping, cfg: ModelConfig | None = None) -> dict[str, np.ndarray]:
+    """The tensors of HF's ``GPT2LMHeadModel`` (its names, float32) holding ``model``'s weights.
+
+    Args:
+        model: A GPT, or its parameters (``nnx.State`` or ``nnx.to_pure_dict``'s nested dicts).
+        cfg: The parameters' model config (a GPT brings its own).
+
+    A model without biases gets zero biases, which computes the same function.
+    """
+    if isinstance(model, GPT):
+        model, cfg = nnx.state(model, nnx.Param), model.config
+    if cfg is None:
+        raise TypeError("hf_state_dict needs cfg when given parameters, not a GPT")
+    ours = {name: np.asarray(value, np.float32) for name, value in _named_leaves(model)}
+    tensors = {}
+    for name, abstract in _named_leaves(_abstract_params(dataclasses.replace(cfg, bias=True))):
+        value = ours.get(name, np.zeros(abstract.shape, np.float32))
+        if name.startswith("h."):
+            hf_shape = _HF_SHAPES.get(name[2:], tuple)(abstract.shape[1:])
+            for i in range(cfg.n_layer):
+                hf_name = f"transformer.h.{i}.{_hf_name(name[2:])}"
+                tensors[hf_name] = np.ascontiguousarray(value[i].reshape(hf_shape))
+        else:  # HF's head sits outside its "transformer" module
+            tensors[("" if name == "lm_head" else "transformer.") + _hf_name(name)] = value
+    return tensors
+
+
+def hf_config(cfg: ModelConfig, *, eos_token_id: int | None = None) -> dict:
+    """The ``config.json`` of HF GPT-2 for ``cfg`` (``GPT2Config.from_dict`` reads it)."""
+    return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
         "vocab_size": cfg.vocab_size,
@@ -242,8 +266,6 @@ def to_hf(model: GPT, path: str | Path, *, eos_token_id: int | None = None) -> P
         "initializer_range": 0.02,
         "dtype": "float32",
     }
-    (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    return directory
 
 
 def import_hf(source: str | Path, run_dir: str | Path, *, tokenizer: str = "gpt2") -> Path:

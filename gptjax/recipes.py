@@ -7,17 +7,13 @@ command-line overrides (``section.field=value``), type-checked against the datac
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
-import math
-import types
-import typing
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from gptjax import fields
 from gptjax.config import (
-    _SECTIONS,
     Config,
     DataConfig,
     ModelConfig,
@@ -159,32 +155,12 @@ def _from_file(path: Path) -> Config:
 
 def apply_overrides(config: Config, overrides: list[str] | tuple[str, ...]) -> Config:
     """Apply ``section.field=value`` strings; unknown keys and bad types are rejected."""
-    changes: dict[str, dict[str, Any]] = {}
-    name = config.name
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip().removeprefix("--")
-        if not sep:
-            raise GptjaxError(f"override {item!r} must look like section.field=value")
-        if key == "name":
-            name = raw
-            continue
-        section, dot, field_name = key.partition(".")
-        if not dot or section not in _SECTIONS:
-            raise GptjaxError(
-                f"unknown config key {key!r}: expected section.field with section one of {sorted(_SECTIONS)}"
-            )
-        hints = typing.get_type_hints(_SECTIONS[section])
-        if field_name not in hints:
-            known = ", ".join(f.name for f in dataclasses.fields(_SECTIONS[section]))
-            raise GptjaxError(f"unknown config key {key!r}; {section} has: {known}")
-        changes.setdefault(section, {})[field_name] = _parse_value(key, raw, hints[field_name])
+    changes = fields.parse(Config, overrides)
     _implied_changes(config, changes)
-    new_sections = {s: dataclasses.replace(getattr(config, s), **kw) for s, kw in changes.items()}
-    return dataclasses.replace(config, name=name, **new_sections)
+    return fields.replace(config, changes)
 
 
-def _implied_changes(config: Config, changes: dict[str, dict[str, Any]]) -> None:
+def _implied_changes(config: Config, changes: dict[str, Any]) -> None:
     """What the user's overrides imply for the fields they did not set (edits ``changes``).
 
     - A mesh axis set to -1 takes the rest of the devices: the preset's own -1 becomes 1
@@ -196,53 +172,20 @@ def _implied_changes(config: Config, changes: dict[str, dict[str, Any]]) -> None
     """
     from gptjax.tokenizer import known_vocab_size
 
-    mesh = changes.get("mesh", {})
-    if -1 in mesh.values():
+    if -1 in (changes.get(f"mesh.{axis}") for axis in ("data", "fsdp", "tensor")):
         for axis in ("data", "fsdp", "tensor"):
-            if axis not in mesh and getattr(config.mesh, axis) == -1:
-                mesh[axis] = 1
-    tokenizer = changes.get("data", {}).get("tokenizer")
+            if f"mesh.{axis}" not in changes and getattr(config.mesh, axis) == -1:
+                changes[f"mesh.{axis}"] = 1
+    tokenizer = changes.get("data.tokenizer")
     vocab = known_vocab_size(tokenizer) if tokenizer else None
-    if vocab is not None and "vocab_size" not in changes.get("model", {}):
-        changes.setdefault("model", {})["vocab_size"] = vocab
-    steps = changes.get("train", {}).get("steps", config.train.steps)
-    if "warmup_steps" not in changes.get("optim", {}) and config.optim.warmup_steps > steps >= 1:
-        changes.setdefault("optim", {})["warmup_steps"] = steps // 10
+    if vocab is not None and "model.vocab_size" not in changes:
+        changes["model.vocab_size"] = vocab
+    steps = changes.get("train.steps", config.train.steps)
+    if "optim.warmup_steps" not in changes and config.optim.warmup_steps > steps >= 1:
+        changes["optim.warmup_steps"] = steps // 10
         warnings.warn(
             f"optim.warmup_steps ({config.optim.warmup_steps}) is longer than training "
             f"(train.steps = {steps}): shortened to {steps // 10} steps, a tenth of the run",
             GptjaxWarning,
             stacklevel=3,
         )
-
-
-def _parse_value(key: str, raw: str, annotation: Any) -> Any:
-    origin = typing.get_origin(annotation)
-    if origin is Literal:
-        choices = typing.get_args(annotation)
-        if raw not in choices:
-            raise GptjaxError(f"{key}={raw!r} is not one of {list(choices)}")
-        return raw
-    if origin in (typing.Union, types.UnionType):
-        raise GptjaxError(f"{key} cannot be set from the command line")  # no such fields yet
-    if annotation is bool:
-        lowered = raw.lower()
-        if lowered in ("true", "1", "yes"):
-            return True
-        if lowered in ("false", "0", "no"):
-            return False
-        raise GptjaxError(f"{key}={raw!r} is not a boolean (true/false)")
-    if annotation is int:
-        try:
-            return int(raw.replace("_", ""))
-        except ValueError:
-            raise GptjaxError(f"{key}={raw!r} is not an integer") from None
-    if annotation is float:
-        try:
-            value = float(raw)
-        except ValueError:
-            raise GptjaxError(f"{key}={raw!r} is not a number") from None
-        if not math.isfinite(value):
-            raise GptjaxError(f"{key}={raw!r} must be finite")
-        return value
-    return raw

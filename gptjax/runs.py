@@ -19,6 +19,7 @@ from typing import NamedTuple
 import jax
 from flax import nnx
 
+from gptjax import checkpoint
 from gptjax import model as model_lib
 from gptjax.checkpoint import Checkpointer
 from gptjax.config import Config
@@ -45,14 +46,10 @@ def locate(path: str | Path) -> tuple[Path, int]:
     if path.name.isdigit() and path.parent.name == "checkpoints":
         return path.parent, int(path.name)
     directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    steps = (
-        sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
-        if directory.is_dir()
-        else []
-    )
-    if not steps:
+    found = checkpoint.steps(directory)
+    if not found:
         raise GptjaxError(f"no checkpoint in {str(path)!r}: train first (gptjax train --run-dir {path})")
-    return directory, steps[-1]
+    return directory, found[-1]
 
 
 def load_params(path: str | Path, abstract_params: nnx.State) -> tuple[nnx.State, dict]:

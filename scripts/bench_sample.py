@@ -105,51 +105,17 @@ def run_naive(model, batch: int, wanted: int) -> dict:
 
 
 def to_transformers(model):
-    """GPT2LMHeadModel with our weights (our layout is GPT-2's; Conv1D kernels are [in, out])."""
-    import numpy as np
+    """GPT2LMHeadModel with our weights (gptjax.interop's mapping, as export-hf writes it)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = model.config
-    hf = GPT2LMHeadModel(
-        GPT2Config(
-            vocab_size=cfg.vocab_size,
-            n_positions=cfg.block_size,
-            n_embd=cfg.n_embd,
-            n_layer=cfg.n_layer,
-            n_head=cfg.n_head,
-            activation_function="gelu_new",
-            layer_norm_epsilon=cfg.layer_norm_epsilon,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-        )
-    ).eval()
-    d, h = cfg.n_embd, model.h
-    t = lambda a: torch.from_numpy(np.asarray(a, np.float32).copy())
-    weights = {
-        "transformer.wte.weight": t(model.wte[...]),
-        "transformer.wpe.weight": t(model.wpe[...]),
-        "transformer.ln_f.weight": t(model.ln_f.scale[...]),
-        "transformer.ln_f.bias": t(model.ln_f.bias[...]),
-    }
-    for i in range(cfg.n_layer):
-        p = f"transformer.h.{i}."
-        weights |= {
-            p + "ln_1.weight": t(h.ln_1.scale[...][i]), p + "ln_1.bias": t(h.ln_1.bias[...][i]),
-            p + "ln_2.weight": t(h.ln_2.scale[...][i]), p + "ln_2.bias": t(h.ln_2.bias[...][i]),
-            p + "attn.c_attn.weight": t(h.attn.c_attn[...][i].reshape(d, 3 * d)),
-            p + "attn.c_attn.bias": t(h.attn.c_attn_bias[...][i].reshape(3 * d)),
-            p + "attn.c_proj.weight": t(h.attn.c_proj[...][i].reshape(d, d)),
-            p + "attn.c_proj.bias": t(h.attn.c_proj_bias[...][i]),
-            p + "mlp.c_fc.weight": t(h.mlp.c_fc[...][i]),
-            p + "mlp.c_fc.bias": t(h.mlp.c_fc_bias[...][i]),
-            p + "mlp.c_proj.weight": t(h.mlp.c_proj[...][i]),
-            p + "mlp.c_proj.bias": t(h.mlp.c_proj_bias[...][i]),
-        }  # fmt: skip
-    weights["lm_head.weight"] = weights["transformer.wte.weight"]
+    from gptjax import interop
+
+    hf = GPT2LMHeadModel(GPT2Config.from_dict(interop.hf_config(model.config))).eval()
+    weights = {name: torch.tensor(a) for name, a in interop.hf_state_dict(model).items()}
     missing, unexpected = hf.load_state_dict(weights, strict=False)
-    if unexpected or [k for k in missing if not k.endswith("attn.bias")]:
+    missing = [k for k in missing if not k.endswith("attn.bias") and k != "lm_head.weight"]  # tied to wte
+    if unexpected or missing:
         raise RuntimeError(f"weight mapping mismatch: missing {missing}, unexpected {unexpected}")
     return hf
 

@@ -177,7 +177,8 @@ def worker_parity(config, threads: int) -> dict:
     import jax
     from flax import nnx
 
-    from benchmarks.torch_gpt import load_gptjax_params, train_step
+    from benchmarks.torch_gpt import load_hf_state_dict, train_step
+    from gptjax.interop import hf_state_dict
 
     compiled, state, batch, _ = _jax_step(config)
     params = jax.device_get(nnx.to_pure_dict(state.params))  # host copies: the step donates state
@@ -186,7 +187,7 @@ def worker_parity(config, threads: int) -> dict:
         state, metrics = compiled(state, batch)
         ours.append(float(metrics["loss"]))
     model, optimizer, torch_batch = _torch_setup(config, threads)
-    load_gptjax_params(model, params)
+    load_hf_state_dict(model, hf_state_dict(params, config.model))
     theirs = [train_step(model, optimizer, torch_batch, config.optim.grad_clip) for _ in range(2)]
     return {
         "ours": ours,

@@ -188,6 +188,28 @@ def test_sequence_longer_than_block_size():
         model.init_cache(1, 25)
 
 
+@pytest.mark.parametrize(("position", "scan_layers"), [("learned", True), ("rope", False)])
+def test_attention_probabilities_are_the_softmax_of_the_models_own_scores(position, scan_layers):
+    model = build(tiny(position=position, scan_layers=scan_layers))
+    cfg, tokens = model.config, random_tokens(1, (2, 12))
+    logits, probs = model(tokens, attention=True)
+    assert probs.shape == (cfg.n_layer, 2, cfg.n_head, 12, 12) and probs.dtype == jnp.float32
+    np.testing.assert_array_equal(logits, model(tokens))  # asking for the maps changes nothing else
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
+    assert np.all(np.triu(np.asarray(probs), k=1) == 0)  # causal
+    # By hand, layer by layer: softmax(q k^T / sqrt(H)) under the causal mask.
+    graphdef, stacked = nnx.split(model.h)
+    positions = jnp.arange(12)[None]
+    x = model.embed(tokens, positions)
+    for layer in range(cfg.n_layer):
+        block = nnx.merge(graphdef, jax.tree.map(lambda a, i=layer: a[i], stacked))
+        q, k, _ = block.attn.qkv(block.ln_1(x), positions)  # (B, T, N, H)
+        scores = jnp.einsum("BTNH,BSNH->BNTS", q, k) / math.sqrt(cfg.head_dim)
+        expected = jax.nn.softmax(jnp.where(jnp.tril(jnp.ones((12, 12), bool)), scores, -jnp.inf), -1)
+        np.testing.assert_allclose(probs[layer], expected, rtol=1e-5, atol=1e-6)
+        x = block(x, positions, None)[0]
+
+
 def test_bfloat16_compute_gives_float32_logits():
     model = build(tiny(dtype="bfloat16"))
     tokens = random_tokens(1, (2, 16))

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import gzip
-import io
-import json
 import os
 import sys
 import sysconfig
@@ -20,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gptjax import jsonl
 from gptjax.config import DataConfig
 from gptjax.errors import GptjaxError
 
@@ -191,26 +189,10 @@ def _zstd_errors() -> tuple[type[Exception], ...]:
     return (zstandard.ZstdError,)
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    if path.suffix == ".zst":
-        import zstandard
-
-        raw = open(path, "rb")  # noqa: SIM115 (closed with the wrapper)
-        try:
-            reader = zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
-        except zstandard.ZstdError as e:
-            raw.close()
-            raise OSError(f"not a zstd file: {e}") from e
-        return io.TextIOWrapper(reader, encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
 def _text_documents(path: Path, text_field: str) -> Iterator[str]:
     """A file's text, or each JSONL line's ``text_field``."""
     try:
-        f = _open_text(path)
+        f = jsonl.open_text(path)
     except ImportError:
         raise GptjaxError(f"{str(path)!r} is zstd-compressed: pip install 'gptjax[data]'") from None
     with f:
@@ -223,24 +205,8 @@ def _text_documents(path: Path, text_field: str) -> Iterator[str]:
                 )
             yield text
             return
-        for line_number, line in enumerate(f, 1):
-            if line.strip():
-                yield _record_text(
-                    json_record(line, f"line {line_number} of {str(path)!r}"),
-                    text_field,
-                    f"line {line_number} of {str(path)!r}",
-                )
-
-
-def json_record(line: str, where: str) -> dict:
-    """One JSONL line as an object; anything else is an error that says where."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise GptjaxError(f"{where} is not valid JSON ({e.msg}): fix or remove the line") from e
-    if not isinstance(record, dict):
-        raise GptjaxError(f"{where} is a JSON {type(record).__name__}, not an object with a text field")
-    return record
+        for line_number, record in jsonl.parse(f, repr(str(path))):
+            yield _record_text(record, text_field, f"line {line_number} of {str(path)!r}")
 
 
 def _record_text(record: dict, text_field: str, where: str) -> str:

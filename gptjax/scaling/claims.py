@@ -131,8 +131,9 @@ def clear_partial(run_dir: str | Path) -> None:
     """Before training a run that has no checkpoint: remove what an attempt killed before
     its first checkpoint left (logs, metrics, an error), keeping the claims and timing."""
     run_dir = Path(run_dir)
-    ckpts = run_dir / "checkpoints"
-    if ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()):
+    from gptjax import checkpoint  # orbax (and JAX) load only here, before training
+
+    if checkpoint.steps(run_dir / "checkpoints"):
         return
     for path in run_dir.iterdir() if run_dir.is_dir() else []:
         if path.name in (CLAIMS, "timing.json"):

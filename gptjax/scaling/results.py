@@ -93,8 +93,9 @@ def _last_logged(run_dir: Path) -> tuple[int, float]:
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
-    ckpts = run_dir / "checkpoints"
-    return ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())
+    from gptjax import checkpoint  # orbax (and JAX) load only when a status needs them
+
+    return bool(checkpoint.steps(run_dir / "checkpoints"))
 
 
 def states(sweep_dir: str | Path, runs: list[Run] | None = None) -> list[dict]:

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from gptjax import fields
 from gptjax.config import Config, apply_overrides, load_recipe, param_counts
 from gptjax.errors import GptjaxError
 
@@ -143,15 +144,7 @@ def _configure(base: Config, point: dict[str, Any]) -> Config:
 
 
 def _set(config: Config, changes: dict[str, Any]) -> Config:
-    sections: dict[str, dict[str, Any]] = {}
-    for key, value in changes.items():
-        section, _, name = key.partition(".")
-        fields = {f.name for f in dataclasses.fields(getattr(config, section, None) or Config)}
-        if section == "name" or not hasattr(config, section) or name not in fields:
-            raise GptjaxError(f"unknown sweep axis {key!r}: use size, tokens, flops, lr, seed or a.field")
-        sections.setdefault(section, {})[name] = value
-    new = {s: dataclasses.replace(getattr(config, s), **kw) for s, kw in sections.items()}
-    return dataclasses.replace(config, **new)
+    return fields.replace(config, changes, what="sweep axis")
 
 
 def _sha(text: str) -> str:
