@@ -171,21 +171,6 @@ def prepare_run_dir(config: Config) -> Path:
     return run_dir
 
 
-def check_same_data(saved: dict, config: Config, step: int, directory: Path) -> None:
-    """Raise if a checkpoint to resume was trained on another ``data.source`` or tokenizer."""
-    saved_data = saved.get("config", {}).get("data", {})
-    diffs = [
-        f"data.{k} {saved_data[k]!r} != {getattr(config.data, k)!r}"
-        for k in ("source", "tokenizer")
-        if k in saved_data and saved_data[k] != getattr(config.data, k)
-    ]
-    if diffs:
-        raise GptjaxError(
-            f"the checkpoint at step {step} in {directory} was trained on other data ({'; '.join(diffs)}): "
-            f"resume with its data, or start a new train.run_dir with train.init_from={directory.parent}"
-        )
-
-
 class RunLock:
     """An advisory lock on a run directory, held while one process writes to it.
 

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from gptjax import data as data_lib
-from gptjax import sharding, validate
+from gptjax import resume, sharding, validate
 from gptjax.checkpoint import Checkpointer
 from gptjax.config import Config, flops_per_token
 from gptjax.errors import GptjaxError
@@ -35,7 +35,7 @@ from gptjax.model import GPT
 from gptjax.model import abstract as model_abstract
 from gptjax.optim import keep_moments, lr_schedule, make_optimizer, weight_decay_mask  # noqa: F401
 from gptjax.preemption import StopRequest
-from gptjax.runs import RunLock, check_compatible, check_same_data, load_params, prepare_run_dir, read_config
+from gptjax.runs import RunLock, prepare_run_dir
 from gptjax.steps import Task, TrainState, lm_loss, make_eval_step, make_grad_fn, make_train_step  # noqa: F401
 
 
@@ -58,7 +58,7 @@ def language_model(config: Config, dataset: data_lib.Dataset | None = None) -> T
         init_head=lambda key: (),
         optimizer=lambda params, head, total: make_optimizer(config.optim, total, params),
         lr=lr_schedule(config.optim, config.train.steps),
-        initialise=(lambda state, setup: _init_from(config, setup, state))
+        initialise=(lambda state, setup: resume.init_from(config, setup, state))
         if config.train.init_from
         else None,
     )
@@ -210,15 +210,6 @@ def _evaluate_sources(
     return out
 
 
-def _init_from(config: Config, setup: Setup, state: TrainState) -> TrainState:
-
-    source, _ = read_config(config.train.init_from)
-    check_compatible({"config": source.to_dict()}, config, 0, Path(config.train.init_from))
-    params, _ = load_params(config.train.init_from, setup.abstract_state.params)
-    # AdamW's initial state (zero moments, count 0) does not depend on the values.
-    return state._replace(params=params)
-
-
 # --------------------------------------------------------------------------------------
 # The loop
 
@@ -275,57 +266,10 @@ def train(
                 logger.close()
 
 
-def _restore_or_init(config: Config, setup: Setup, ckpt: Checkpointer, logger: MetricsLogger, task: Task):
-    """The newest readable checkpoint's state; a fresh (or ``init_from``) state if none.
-
-    An unreadable checkpoint (a truncated or missing array file) is reported by step and
-    the previous one is tried; the run never silently restarts from scratch.
-    """
-    steps = sorted(ckpt.all_steps(), reverse=True)
-    for step in steps:
-        if not ckpt.has_train_state(step) and (ckpt.directory / str(step)).is_dir():
-            raise GptjaxError(
-                f"{ckpt.directory.parent} holds model weights only (an import), not a run to resume: "
-                f"train from it with train.init_from={ckpt.directory.parent} and another run directory"
-            )
-        try:
-            meta = ckpt.read_meta(step)
-            check_compatible(meta, config, step, ckpt.directory)
-            check_same_data(meta, config, step, ckpt.directory)
-            state = ckpt.restore(step, setup.abstract_state)
-        except GptjaxError:
-            raise
-        except Exception as e:  # orbax raises many types for a damaged directory
-            moved = ckpt.set_aside(step) if jax.process_index() == 0 else None
-            logger.warn(
-                f"checkpoint at step {step} is unreadable ({type(e).__name__}: {str(e)[:160]}); "
-                f"moved to {moved}, trying the previous one"
-            )
-            continue
-        logger.print(f"gptjax: resuming {ckpt.directory.parent} from step {step}")
-        # Rows after the checkpoint are logged again as they are redone (a finished run's
-        # final evaluation too).
-        logger.truncate(step, redo_eval=step >= config.train.steps)
-        return state
-    if steps or ckpt.set_aside_steps():
-        raise GptjaxError(
-            f"no checkpoint in {ckpt.directory} is readable (steps {steps or ckpt.set_aside_steps()}): "
-            "move the directory away to start over"
-        )
-    state = setup.init()
-    logger.truncate(0)  # rows of an earlier attempt that was killed before its first checkpoint
-    if task.initialise is not None:
-        state = task.initialise(state, setup)
-        logger.print(f"gptjax: parameters initialised from {config.train.init_from or 'the task'}")
-    shape = dict(setup.mesh.shape)
-    logger.print(f"gptjax: new run in {ckpt.directory.parent} on {setup.mesh.devices.size} device(s) {shape}")
-    return state
-
-
 def _run(config, run_dir, task: Task, setup, ckpt, logger, stop_at, batch_hook, stop) -> TrainResult:
     tc = config.train
     meta = {"config": config.to_dict(), **task.meta}
-    state = _restore_or_init(config, setup, ckpt, logger, task)
+    state = resume.restore_or_init(config, setup, ckpt, logger, task)
     if jax.process_index() == 0:
         (run_dir / "config.json").write_text(config.to_json())
 
