@@ -9,6 +9,7 @@ One module per concept:
   writer and lazily memory-mapped reader.
 * ``build``: building a store in parallel, with a progress bar, resumably, published
   atomically.
+* ``workers``: the tokenizing pool a build hands its chunks to.
 * ``batches``: training batches (one source or a mixture) and the ordered eval pass.
 * ``dataset``: opening a store (or a mixture's stores) for a model.
 

@@ -1,10 +1,10 @@
 """Building a token store: parallel tokenization, a progress bar, resumption, atomic publishing.
 
 The build reads a source's documents in order on the main thread and hands chunks of about
-``CHUNK_CHARS`` characters to a pool of one worker per core (processes by default, or
-threads; ``scripts/bench_data.py`` measures both), which return each chunk's tokens per
-split and per-document digests. Results are written in submission order, so the store does
-not depend on timing or on the pool.
+``CHUNK_CHARS`` characters to a pool of one worker per core (:mod:`gptjax.data.workers`:
+processes by default, or threads; ``scripts/bench_data.py`` measures both), which return
+each chunk's tokens per split and per-document digests. Results are written in submission
+order, so the store does not depend on timing or on the pool.
 
 A build happens in ``<cache>/.partial-<name>/``, locked by its builder. After each chunk is
 written the builder records, atomically, how many documents it consumed and how many tokens
@@ -19,17 +19,13 @@ copy, and of two finished copies the second is discarded.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import fcntl
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
-import threading
 import time
 import uuid
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +34,13 @@ import numpy as np
 from gptjax import validate
 from gptjax.config import DataConfig
 from gptjax.data import sources, store
+from gptjax.data.store import SPLITS
+from gptjax.data.workers import encode_chunk, make_pool
 from gptjax.errors import GptjaxError
 from gptjax.tokenizer import Tokenizer, get_tokenizer
 
 STORE_FORMAT = 2  # Bump when the store's layout or splitting rule changes. 2: shards and an index.
 CHUNK_CHARS = 1 << 20  # Text per tokenization job.
-SPLITS = ("train", "val")
 
 
 def cache_dir(cfg: DataConfig) -> Path:
@@ -66,70 +63,6 @@ def store_name(cfg: DataConfig, tokenizer: Tokenizer, source: sources.Source) ->
     digest = hashlib.blake2b(json.dumps(key).encode(), digest_size=8).hexdigest()
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in source.name)[:40]
     return f"{safe}-{tokenizer.name}-{digest}"
-
-
-# --------------------------------------------------------------------------------------
-# Tokenizing a chunk (runs in a worker)
-
-
-@lru_cache(maxsize=4)
-def _tokenizer(name: str) -> Tokenizer:
-    return get_tokenizer(name)
-
-
-def encode_chunk(tokenizer_name: str, dtype: str, texts: list[str], in_val: list[bool]) -> dict[str, Any]:
-    """Each document's tokens followed by end-of-text, per split, with its text's digest."""
-    tokenizer = _tokenizer(tokenizer_name)
-    eot = np.array([tokenizer.eot_id], np.uint32)
-    parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
-    n_bytes, n_docs = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
-    digests = bytearray()
-    for text, val in zip(texts, in_val, strict=True):
-        data = text.encode("utf-8")
-        digests += hashlib.blake2b(data, digest_size=16).digest()
-        ids = np.frombuffer(data, np.uint8) if tokenizer.name == "bytes" else tokenizer.encode_array(text)
-        split = "val" if val else "train"
-        parts[split] += [ids, eot]
-        n_bytes[split] += len(data)
-        n_docs[split] += 1
-    tokens = {s: np.concatenate(p).astype(dtype) if p else np.zeros(0, dtype) for s, p in parts.items()}
-    return {"tokens": tokens, "bytes": n_bytes, "documents": n_docs, "digests": bytes(digests)}
-
-
-def _pool(kind: str, workers: int) -> concurrent.futures.Executor:
-    if kind == "thread":
-        return concurrent.futures.ThreadPoolExecutor(workers)
-    # forkserver: workers never fork a process whose JAX runtime holds threads; the server
-    # imports this module once, and each worker is forked from it.
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["gptjax.data.build"])
-    return concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_leave_with, initargs=(os.getpid(),)
-    )
-
-
-def _leave_with(builder: int) -> None:
-    """A worker's initializer: exit once the builder is gone (a killed builder cannot shut the
-    pool down, and a worker blocked on its job queue would otherwise wait forever)."""
-
-    def watch() -> None:
-        while True:
-            time.sleep(1.0)
-            try:
-                os.kill(builder, 0)
-            except ProcessLookupError:
-                os._exit(0)
-
-    threading.Thread(target=watch, name="gptjax-watch-builder", daemon=True).start()
-
-
-class _InlinePool(concurrent.futures.Executor):
-    """Runs each job at submission: small corpora and the byte tokenizer need no pool."""
-
-    def submit(self, fn, /, *args, **kwargs):
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        future.set_result(fn(*args, **kwargs))
-        return future
 
 
 # --------------------------------------------------------------------------------------
@@ -279,12 +212,15 @@ class _Build:
         def submit(position: int) -> None:
             nonlocal texts, in_val, chars
             pending.append(
-                (pool.submit(encode_chunk, tokenizer.name, self.dtype.name, texts, in_val), position)
+                (
+                    pool.submit(encode_chunk, tokenizer.name, self.dtype.name, texts, in_val),
+                    position,
+                )
             )
             texts, in_val, chars = [], [], 0
             write_ready(2 * max(workers, 1))
 
-        pool = _pool(pool_kind, workers) if workers > 1 else _InlinePool()
+        pool = make_pool(pool_kind, workers)
         with progress, pool:
             index = 0  # Of the document in the train stream, for the hold-out.
             hold_out = None

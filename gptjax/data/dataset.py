@@ -10,7 +10,8 @@ from typing import Any
 from gptjax.config import DataConfig, parse_mixture
 from gptjax.data import store
 from gptjax.data.batches import MixtureBatches, TrainBatches
-from gptjax.data.build import SPLITS, open_store
+from gptjax.data.build import open_store
+from gptjax.data.store import SPLITS
 from gptjax.errors import GptjaxError
 from gptjax.tokenizer import Tokenizer
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from gptjax.errors import GptjaxError
 
+SPLITS = ("train", "val")
 SHARD_TOKENS = 1 << 28  # 512 MiB of uint16 per shard: few files, each far below any file-size limit.
 
 
