@@ -34,6 +34,7 @@ from gptjax.errors import GptjaxError
 from gptjax.tree import key_name as _key_name
 
 
+# Not nnx.to_pure_dict: on optax state, AttributeError: 'tuple' object has no attribute '_mapping'; no /value
 def to_nested(tree: Any) -> dict:
     """A pytree as nested dicts of its leaves, keyed by path names (orbax-friendly)."""
     nested: dict = {}
