@@ -1,6 +1,7 @@
 """GPT-1 fine-tuning from a pretrained run: the keyword tasks, freezing, L1, unfreezing, bad input."""
 
 import dataclasses
+import fcntl
 import importlib.util
 import json
 from pathlib import Path
@@ -51,9 +52,15 @@ def pretrained(suite_dir):
     """A nano byte-level model pretrained for 120 steps on text like the tasks' (~15 s),
     once per test run (the multidevice process reuses it)."""
     root = suite_dir / "finetune-pretrain"
-    if (root / "run" / "result.json").is_file():
-        return root / "run"
     root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:  # the multidevice process runs beside this one
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "run" / "result.json").is_file():
+            _pretrain(root)
+    return root / "run"
+
+
+def _pretrain(root: Path) -> None:
     recipe = _recipe()
     corpus = root / "corpus"
     corpus.mkdir(exist_ok=True)
@@ -73,7 +80,6 @@ def pretrained(suite_dir):
         mp.setenv("GPTJAX_CACHE_DIR", str(root / "cache"))
         one_device = make_mesh(MeshConfig(), jax.devices()[:1])  # 8 fake devices only slow a nano model
         train(load_config("nano", overrides), mesh=one_device)
-    return root / "run"
 
 
 @pytest.fixture(scope="module")

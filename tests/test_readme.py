@@ -83,6 +83,7 @@ COMMANDS: dict[str, list[str] | str] = {
     "python scripts/bench_model.py": _NOT_RUN_BENCH,
     "python scripts/bench_data.py": _NOT_RUN_BENCH,
     "python scripts/bench_multihost.py": _NOT_RUN_BENCH,
+    "python scripts/bench_vocab.py": _NOT_RUN_BENCH,
     "gptjax train gpt2-xl train.batch_size=64 --dry-run --devices 64 --device-memory 80e9": [
         "model.n_layer=2"
     ],
