@@ -5,7 +5,7 @@ the survivors with a fatal log and a stack dump (20-50 lines, exit 134), and onl
 its heartbeat timeout (100 s by default) when the lost process was not the coordinator.
 Two things here make that one line (:data:`MESSAGE`) and :data:`EXIT_PEER_LOST`:
 
-* :func:`filter_native_stderr` passes this process's file descriptor 2 through a thread
+* :func:`filter_native_output` passes this process's file descriptor 2 through a thread
   that, on the first line in which the coordination service reports a failure, prints the
   message and ends the process before the C++ runtime has written its stack dump (the
   runtime offers no Python callback: its ``missed_heartbeat_callback`` cannot be given the
@@ -17,7 +17,8 @@ Two things here make that one line (:data:`MESSAGE`) and :data:`EXIT_PEER_LOST`:
   coordinator notices a worker that died or stopped (SIGKILL, SIGSTOP, a lost host);
   ``GPTJAX_HEARTBEAT_TIMEOUT`` (seconds) sets it where hosts pause longer than that.
 
-The filter is installed only for multi-process runs and only without ``--debug``.
+The filter is installed only for multi-process runs and only without ``--debug``; it also
+drops Gloo's "connected to N peer ranks" lines from descriptor 1.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ MESSAGE = (
 _PEER_FAILURE = re.compile(
     r"^[EF]\d{4} [\d:.]+\s+\d+ (coordination_service\w*|client|preemption_sync_manager)\.(cc|h):\d+\]"
 )
+
+# Gloo's line on connecting (C++, on stdout), the only thing it prints in a healthy run.
+_GLOO_CONNECTED = re.compile(rb"^\[Gloo\] Rank \d+ is connected to \d+ peer ranks")
 
 # What a collective raises when its peer's connection broke (gloo on CPU).
 _LOST_CONNECTION = re.compile(r"Gloo .* failed|Connection (reset|closed) by peer|Broken pipe")
@@ -72,20 +76,23 @@ def caused_by_lost_peer(error: BaseException) -> bool:
     return _real_stderr is not None and bool(_LOST_CONNECTION.search(str(error)))
 
 
-def filter_native_stderr() -> None:
-    """Route descriptor 2 (Python's and C++'s stderr) through the filter; idempotent."""
+def filter_native_output() -> None:
+    """Route descriptors 2 and 1 (Python's and C++'s stderr and stdout) through filters.
+
+    stderr: the first coordination-service failure line ends the process (:func:`peer_lost`).
+    stdout: Gloo's "[Gloo] Rank R is connected to N peer ranks" lines, which its C++ code
+    prints on every process of a CPU run, are dropped. Idempotent.
+    """
     global _real_stderr
     if _real_stderr is not None:
         return
+    sys.stdout.flush()
     sys.stderr.flush()
     _real_stderr = os.dup(2)
-    read_end, write_end = os.pipe()
-    os.dup2(write_end, 2)
-    os.close(write_end)
-    thread = threading.Thread(target=_forward, args=(read_end, _real_stderr), daemon=True)
-    thread.start()
+    real_stdout = os.dup(1)
+    threads = [_route(2, _real_stderr, _stderr_line), _route(1, real_stdout, _stdout_line)]
 
-    def restore():  # at exit: the lines still in the pipe reach the terminal
+    def restore():  # at exit: the lines still in the pipes reach the terminal
         import jax
 
         # JAX's shutdown barrier (its own atexit hook, which would run after this one)
@@ -94,27 +101,46 @@ def filter_native_stderr() -> None:
             jax.distributed.shutdown()
         except Exception:  # the barrier failed: a peer died at the end
             peer_lost()
-        with contextlib.suppress(OSError, ValueError):
-            sys.stderr.flush()
-        os.dup2(_real_stderr, 2)  # closes our write end: the thread reads to the end
-        thread.join(timeout=2)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os.dup2(_real_stderr, 2)  # closes our write ends: the threads read to the end
+        os.dup2(real_stdout, 1)
+        for thread in threads:
+            thread.join(timeout=2)
 
     atexit.register(restore)
 
 
-def _forward(read_end: int, out: int) -> None:
+def _route(fd: int, out: int, on_line) -> threading.Thread:
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, fd)
+    os.close(write_end)
+    thread = threading.Thread(target=_forward, args=(read_end, out, on_line), daemon=True)
+    thread.start()
+    return thread
+
+
+def _forward(read_end: int, out: int, on_line) -> None:
     with os.fdopen(read_end, "rb", buffering=0) as pipe:
         pending = b""
         while chunk := pipe.read(65536):
             *lines, pending = (pending + chunk).split(b"\n")
             for line in lines:
-                _one(line, out)
+                on_line(line, out)
+            if pending and not b"[Gloo]".startswith(pending[:6]):  # e.g. a progress bar's \r update
+                os.write(out, pending)
+                pending = b""
         if pending:
-            _one(pending, out)
+            on_line(pending, out)
 
 
-def _one(line: bytes, out: int) -> None:
-    text = line.decode("utf-8", "replace")
-    if _PEER_FAILURE.match(text):
+def _stderr_line(line: bytes, out: int) -> None:
+    if _PEER_FAILURE.match(line.decode("utf-8", "replace")):
         peer_lost()
     os.write(out, line + b"\n")
+
+
+def _stdout_line(line: bytes, out: int) -> None:
+    if not _GLOO_CONNECTED.match(line):
+        os.write(out, line + b"\n")

@@ -241,7 +241,7 @@ def initialize_distributed() -> bool:
     if env.get("JAX_PLATFORMS", "").startswith("cpu"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if quiet.is_quiet():  # not under --debug, which shows the runtime's own lines
-        peers.filter_native_stderr()
+        peers.filter_native_output()
     timeouts = {"heartbeat_timeout_seconds": peers.heartbeat_timeout(env)}
     try:
         if explicit:

@@ -329,3 +329,32 @@ def test_heartbeat_timeout_is_ten_seconds_unless_set():
     for bad in ("0", "-5", "1.5", "ten"):
         with pytest.raises(GptjaxError, match="GPTJAX_HEARTBEAT_TIMEOUT"):
             peers.heartbeat_timeout({"GPTJAX_HEARTBEAT_TIMEOUT": bad})
+
+
+def test_gloo_connection_lines_are_dropped_and_the_rest_passes_through_as_written():
+    """The stdout filter of multi-process runs (gptjax.peers): Gloo's "connected to N peer
+    ranks" lines go, everything else arrives unchanged, partial lines (a bar's \\r updates)
+    without waiting for a newline."""
+    import os
+    import threading
+
+    from gptjax import peers
+
+    read_in, write_in = os.pipe()
+    read_out, write_out = os.pipe()
+    thread = threading.Thread(target=peers._forward, args=(read_in, write_out, peers._stdout_line))
+    thread.start()
+    gloo = b"[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1\n"
+    os.write(write_in, gloo)
+    os.write(write_in, b"step 1/3\rstep 2/3")
+    partial = os.read(read_out, 100)
+    os.write(write_in, b"\n[Gl")
+    os.write(write_in, b"oo] Rank 1 is connected to 1 peer ranks. Expected ...\ngptjax: done\n")
+    os.close(write_in)
+    thread.join(timeout=10)
+    os.close(write_out)
+    rest = b""
+    while chunk := os.read(read_out, 1000):
+        rest += chunk
+    assert partial == b"step 1/3\rstep 2/3"
+    assert partial + rest == b"step 1/3\rstep 2/3\ngptjax: done\n"
