@@ -40,12 +40,21 @@ def quiet_libraries() -> None:
     logging.getLogger("absl").setLevel(logging.CRITICAL)
 
 
+# Where launchers put a process's index: gptjax launch / by hand, srun, mpirun.
+_RANK_VARIABLES = ("JAX_PROCESS_ID", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK")
+
+
 def show_warnings_as_lines() -> None:
-    """Print :class:`GptjaxWarning` as one ``gptjax: warning: ...`` line on stderr."""
+    """Print :class:`GptjaxWarning` as one ``gptjax: warning: ...`` line on stderr, on the
+    first process of a multi-process run only (the warnings are about the config, which
+    every process reads alike)."""
     default = warnings.showwarning
+    rank = next((os.environ[k] for k in _RANK_VARIABLES if os.environ.get(k)), "0")
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, GptjaxWarning):
+            if rank != "0":
+                return
             print(f"gptjax: warning: {message}", file=file or sys.stderr, flush=True)
         else:
             default(message, category, filename, lineno, file, line)

@@ -358,3 +358,20 @@ def test_gloo_connection_lines_are_dropped_and_the_rest_passes_through_as_writte
         rest += chunk
     assert partial == b"step 1/3\rstep 2/3"
     assert partial + rest == b"step 1/3\rstep 2/3\ngptjax: done\n"
+
+
+@pytest.mark.parametrize("rank, lines", [("0", 1), ("1", 0)])
+def test_config_warnings_print_once_per_multi_process_run(monkeypatch, capsys, rank, lines):
+    import warnings
+
+    from gptjax import quiet
+    from gptjax.errors import GptjaxWarning
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # restored after
+    monkeypatch.setenv("JAX_PROCESS_ID", rank)
+    quiet.show_warnings_as_lines()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("warmup shortened", GptjaxWarning, stacklevel=1)
+    err = capsys.readouterr().err
+    assert err.count("gptjax: warning: warmup shortened") == lines
