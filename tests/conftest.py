@@ -3,9 +3,10 @@ compilation cache, and the offline assets. All set before jax is imported.
 
 Nano models train faster on one device than on 8 fake devices sharing the cores, so the
 suite runs on one; tests marked ``multidevice`` (sharding, meshes, multi-host) run in a
-second pytest process with 8 devices (``GPTJAX_TEST_DEVICES``), started as soon as the
-tests are collected so that it runs beside this one (most tests here leave a core idle
-while they compile or wait on a subprocess); its report is printed at the end.
+second pytest process with 8 devices (``GPTJAX_TEST_DEVICES``), and tests marked
+``beside`` (SLURM, kill-and-restart) in a third, both started as soon as the tests are
+collected so that they run beside this one (most tests here leave a core idle while they
+compile or wait on a subprocess); their reports are printed at the end.
 Every process of the suite, subprocesses included, shares one compilation cache directory
 (per run unless ``JAX_COMPILATION_CACHE_DIR`` is set), so a step compiled once is loaded after.
 """
@@ -70,54 +71,63 @@ def corpus(tmp_path, monkeypatch) -> Path:
 
 
 # --------------------------------------------------------------------------------------
-# multidevice tests: deselected here, run beside this session with 8 devices
+# Tests run in their own pytest processes, started once the tests are collected, beside
+# this session: ``multidevice`` on 8 devices, ``beside`` (tests that mostly wait on other
+# processes: a SLURM scheduler, killed and restarted trainings) on one. Each report is
+# printed at the end, and a failure there fails this run.
+
+_GROUPS = {  # marker -> what its process's environment changes
+    "multidevice": {"GPTJAX_TEST_DEVICES": "8", "XLA_FLAGS": _XLA_FLAGS},
+    "beside": {"GPTJAX_TEST_GROUP": "beside"},
+}
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "multidevice: needs 8 (fake CPU) devices; run in a subprocess")
+    config.addinivalue_line("markers", "beside: mostly waits on other processes; run in a subprocess")
 
 
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection
 def pytest_collection_modifyitems(config, items):
-    if DEVICES >= 8:
-        return
-    multi = [item for item in items if item.get_closest_marker("multidevice")]
-    if not multi:
-        return
-    items[:] = [item for item in items if not item.get_closest_marker("multidevice")]
-    config.hook.pytest_deselected(items=multi)
-    if config.option.collectonly:
-        return
-    env = {**os.environ, "GPTJAX_TEST_DEVICES": "8", "XLA_FLAGS": _XLA_FLAGS}
-    args = ["-p", "no:cacheprovider", "-q", *(["-x"] if config.option.maxfail == 1 else [])]
-    log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115  (read and closed at session end)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest", *args, *(item.nodeid for item in multi)],
-        env=env,
-        cwd=config.rootpath,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    config.stash[_MULTI] = (len(multi), proc, log)
+    if DEVICES >= 8 or os.environ.get("GPTJAX_TEST_GROUP"):
+        return  # this is one of the groups' processes
+    started = []
+    for marker, env in _GROUPS.items():
+        group = [item for item in items if item.get_closest_marker(marker)]
+        if not group:
+            continue
+        items[:] = [item for item in items if not item.get_closest_marker(marker)]
+        config.hook.pytest_deselected(items=group)
+        if config.option.collectonly:
+            continue
+        args = ["-p", "no:cacheprovider", "-q", *(["-x"] if config.option.maxfail == 1 else [])]
+        log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115  (read and closed at session end)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pytest", *args, *(item.nodeid for item in group)],
+            env={**os.environ, **env},
+            cwd=config.rootpath,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        started.append((marker, len(group), proc, log))
+    config.stash[_GROUP_PROCS] = started
 
 
 def pytest_sessionfinish(session, exitstatus):
-    started = session.config.stash.get(_MULTI, None)
-    if started is None:
-        return
-    count, proc, log = started
-    if exitstatus not in (0, 1):  # interrupted or an internal error: stop the other one too
-        proc.terminate()
-        proc.wait()
+    for marker, count, proc, log in session.config.stash.get(_GROUP_PROCS, []):
+        if exitstatus not in (0, 1):  # interrupted or an internal error: stop the others too
+            proc.terminate()
+            proc.wait()
+            log.close()
+            continue
+        rc = proc.wait()
+        log.seek(0)
+        where = "on 8 devices" if marker == "multidevice" else "on one device"
+        print(f"\n--- {count} {marker} test(s), run beside these {where} in a subprocess ---")
+        print(log.read(), end="", flush=True)
         log.close()
-        return
-    rc = proc.wait()
-    log.seek(0)
-    print(f"\n--- {count} multidevice test(s), run beside these on 8 devices in a subprocess ---")
-    print(log.read(), end="", flush=True)
-    log.close()
-    if rc != 0:
-        session.exitstatus = rc
+        if rc != 0:
+            session.exitstatus = rc
 
 
-_MULTI = pytest.StashKey[tuple]()
+_GROUP_PROCS = pytest.StashKey[list]()

@@ -39,7 +39,7 @@ train_lib = importlib.import_module("gptjax.train")
 REPO = Path(__file__).resolve().parents[1]
 STEPS, CHECKPOINT_EVERY = 40, 2
 MIN_KILLS = 10
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.beside]  # restarts training processes: mostly waits
 
 
 def _overrides(corpus: Path) -> list[str]:

@@ -22,6 +22,7 @@ import pytest
 from gptjax import cli, scaling
 from gptjax.scaling import claims
 
+pytestmark = pytest.mark.beside  # a live cluster: the tests mostly wait on its scheduler
 DAEMONS = ("slurmctld", "slurmd", "munged", "mungekey", "sbatch", "squeue", "scontrol", "scancel")
 
 
