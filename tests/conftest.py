@@ -114,7 +114,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    for marker, count, proc, log in session.config.stash.get(_GROUP_PROCS, []):
+    groups = session.config.stash.get(_GROUP_PROCS, [])
+    if groups and exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
+        session.exitstatus = exitstatus = pytest.ExitCode.OK  # every test was in a group
+    for marker, count, proc, log in groups:
         if exitstatus not in (0, 1):  # interrupted or an internal error: stop the others too
             proc.terminate()
             proc.wait()
