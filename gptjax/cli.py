@@ -389,8 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # Overrides may follow options too (`train gpt2 --run-dir D model.n_layer=2`).
     stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
-    if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if stray:  # named after the subcommand, whose --help lists what it takes
+        what = f"gptjax {args.command}"
+        parser.exit(2, f"{what}: error: unrecognized arguments: {' '.join(stray)} (see {what} --help)\n")
     if extra:
         args.overrides = [*args.overrides, *extra]
     # A config name that looks like an override belongs to the overrides.

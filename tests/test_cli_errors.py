@@ -62,7 +62,7 @@ ROWS = [
     ("info-indivisible-heads", ["info", "nano", "model.n_head=3"], "must be divisible by n_head (3)"),
     ("info-vocab-too-small", ["info", "nano", "data.tokenizer=gpt2", "model.vocab_size=300"],
      "smaller than tokenizer"),
-    ("info-unknown-option", ["info", "nano", "--bogus"], "unrecognized arguments: --bogus"),
+    ("info-unknown-option", ["info", "nano", "--bogus"], "info: error: unrecognized arguments: --bogus"),
     # prepare: missing, empty, binary and undecodable data
     ("prepare-missing-source", ["prepare", "--data", "{tmp}/nowhere"], "does not exist"),
     ("prepare-empty-dir", ["prepare", "--data", "{empty_dir}"], "no .txt/.md/.py/.jsonl files"),
