@@ -375,3 +375,10 @@ def test_config_warnings_print_once_per_multi_process_run(monkeypatch, capsys, r
         warnings.warn("warmup shortened", GptjaxWarning, stacklevel=1)
     err = capsys.readouterr().err
     assert err.count("gptjax: warning: warmup shortened") == lines
+
+
+def test_every_subcommand_has_a_function_and_every_function_a_subcommand():
+    """The parser (cli_parser.py) and the dispatch table (cli.COMMANDS) name the same commands."""
+    from gptjax.cli import COMMANDS
+
+    assert set(_build_parser()._subparsers._group_actions[0].choices) == set(COMMANDS)
