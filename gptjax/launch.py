@@ -32,6 +32,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def with_cpu_devices(xla_flags: str, n_devices: int) -> str:
+    """``XLA_FLAGS`` with the CPU device count set to ``n_devices`` and every other flag kept."""
+    kept = [f for f in xla_flags.split() if not f.startswith("--xla_force_host_platform_device_count")]
+    return " ".join([*kept, f"--xla_force_host_platform_device_count={n_devices}"])
+
+
 def launch(args: Sequence[str], *, processes: int, devices_per_process: int = 1, port: int = 0) -> int:
     """Run ``gptjax ARGS`` as ``processes`` coordinated processes; return the exit code.
 
@@ -50,7 +56,7 @@ def launch(args: Sequence[str], *, processes: int, devices_per_process: int = 1,
         env = {
             **os.environ,
             "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
+            "XLA_FLAGS": with_cpu_devices(os.environ.get("XLA_FLAGS", ""), devices_per_process),
             "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
             "JAX_NUM_PROCESSES": str(processes),
             "JAX_PROCESS_ID": str(rank),

@@ -286,9 +286,10 @@ class _TensorBoard:
     """
 
     def __init__(self, directory: Path):
-        from tensorboardX.event_file_writer import EventsWriter
-        from tensorboardX.proto.event_pb2 import Event
-        from tensorboardX.summary import scalar
+        with _torch_hidden():
+            from tensorboardX.event_file_writer import EventsWriter
+            from tensorboardX.proto.event_pb2 import Event
+            from tensorboardX.summary import scalar
 
         directory.mkdir(parents=True, exist_ok=True)
         self._event, self._scalar = Event, scalar
@@ -303,6 +304,24 @@ class _TensorBoard:
 
     def close(self) -> None:
         self._writer.close()
+
+
+@contextmanager
+def _torch_hidden() -> Iterator[None]:
+    """Hide an installed but not yet imported torch from the imports inside.
+
+    Importing tensorboardX tries ``import torch`` (to accept torch tensors), which costs
+    ~0.9 s at every training start where torch is installed; scalars never need it.
+    """
+    if "torch" in sys.modules:
+        yield
+        return
+    sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError
+    try:
+        yield
+    finally:
+        if sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
 
 
 def _start_wandb(run_dir: Path, project: str, config: dict | None):

@@ -257,6 +257,8 @@ def for_tpu(config: Config) -> Config:
 
 
 def _in_subprocess(config: Config, n_devices: int, target: str = "") -> dict[str, Any]:
+    from gptjax.launch import with_cpu_devices
+
     if target:
         from gptjax.targets import tpu_env
 
@@ -264,8 +266,7 @@ def _in_subprocess(config: Config, n_devices: int, target: str = "") -> dict[str
         argv = ["--target", target]
     else:
         env = dict(os.environ, JAX_PLATFORMS="cpu")
-        flags = [f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
-        env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={n_devices}"])
+        env["XLA_FLAGS"] = with_cpu_devices(env.get("XLA_FLAGS", ""), n_devices)
         argv = []
     out = subprocess.run(
         [sys.executable, "-m", "gptjax.preflight", *argv],

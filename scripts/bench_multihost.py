@@ -51,7 +51,9 @@ def _run(mode: str, steps: int, workdir: Path) -> dict:
         ]
         cmd += train
     else:
-        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+        from gptjax.launch import with_cpu_devices
+
+        env["XLA_FLAGS"] = with_cpu_devices(env.get("XLA_FLAGS", ""), 4)
         cmd = [sys.executable, "-m", "gptjax.cli", *train]
     metrics = run_dir / "metrics.jsonl"
     t0 = time.perf_counter()

@@ -222,8 +222,9 @@ def run_worker(kind: str, args, shape: str, pythonpath: str | None = None) -> di
         cmd += ["--override", item]
     env = dict(os.environ)
     if kind == "jax" and args.cpu_devices:
-        flag = f"--xla_force_host_platform_device_count={args.cpu_devices}"
-        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
+        from gptjax.launch import with_cpu_devices
+
+        env["XLA_FLAGS"] = with_cpu_devices(env.get("XLA_FLAGS", ""), args.cpu_devices)
     if pythonpath:
         env["GPTJAX_BENCH_BASELINE"] = "1"
     paths = [p for p in (pythonpath, str(ROOT), env.get("PYTHONPATH")) if p]

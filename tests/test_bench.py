@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from gptjax.config import MODEL_PRESETS, Config, DataConfig, MeshConfig, OptimConfig, TrainConfig
+from gptjax.launch import with_cpu_devices
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +43,7 @@ def _nano_config(batch_size: int = 8, **model) -> Config:
 
 def test_bench_train_smoke_schema():
     pytest.importorskip("torch")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # not the suite's 8 devices
+    env = {**os.environ, "XLA_FLAGS": with_cpu_devices(os.environ.get("XLA_FLAGS", ""), 1)}
     script = str(ROOT / "scripts" / "bench_train.py")
     out = subprocess.run(
         [sys.executable, script, "--smoke", "--no-parity", "--json-only", "--cpu-devices", "2"],
@@ -147,7 +148,7 @@ def test_cpu_devices_share_the_measured_peak(monkeypatch):
 
 
 def test_bench_vocab_smoke_schema():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = {**os.environ, "XLA_FLAGS": with_cpu_devices(os.environ.get("XLA_FLAGS", ""), 1)}
     script = str(ROOT / "scripts" / "bench_vocab.py")
     args = ["--shape", "smoke", "--vocabs", "257", "320", "--rounds", "2", "--steps", "1"]
     out = subprocess.run(

@@ -61,7 +61,7 @@ def world(tmp_path_factory):
         "PYTHONUNBUFFERED": "1",
         "GPTJAX_CACHE_DIR": str(tmp / "cache"),
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",  # as in-process (conftest)
+        "XLA_FLAGS": os.environ["XLA_FLAGS"],  # 8 devices, as in-process (conftest)
         "JAX_COMPILATION_CACHE_DIR": str(tmp / "jax-cache"),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",

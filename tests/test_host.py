@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from gptjax.launch import with_cpu_devices
+
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc mallopt settings")
 
 # A jitted step whose temporaries (two 36 MB intermediates) exceed what a glibc thread
@@ -32,7 +34,11 @@ print(json.dumps({"kept": kept, "faults_per_call": faults}))
 
 
 def _run(keep: bool) -> dict:
-    env = {**os.environ, "GPTJAX_KEEP_HOST_MEMORY": "1" if keep else "0", "XLA_FLAGS": ""}
+    env = {
+        **os.environ,
+        "GPTJAX_KEEP_HOST_MEMORY": "1" if keep else "0",
+        "XLA_FLAGS": with_cpu_devices(os.environ.get("XLA_FLAGS", ""), 1),
+    }
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -34,6 +34,7 @@ import pytest
 from gptjax.checkpoint import Checkpointer
 from gptjax.config import load_config
 from gptjax.data import prepare
+from gptjax.launch import with_cpu_devices
 
 train_lib = importlib.import_module("gptjax.train")
 REPO = Path(__file__).resolve().parents[1]
@@ -140,7 +141,7 @@ def test_sigkill_at_random_moments_resumes_bitwise(tmp_path, monkeypatch):
         "PYTHONUNBUFFERED": "1",
         "GPTJAX_CACHE_DIR": str(tmp_path / "cache"),
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        "XLA_FLAGS": with_cpu_devices(os.environ.get("XLA_FLAGS", ""), 1),
         "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",

@@ -21,7 +21,7 @@ from gptjax import peers, sharding
 from gptjax.checkpoint import Checkpointer
 from gptjax.config import MeshConfig, load_config
 from gptjax.errors import EXIT_PEER_LOST
-from gptjax.launch import GRACE_SECONDS, _free_port
+from gptjax.launch import GRACE_SECONDS, _free_port, with_cpu_devices
 
 train_lib = importlib.import_module("gptjax.train")
 REPO = Path(__file__).resolve().parents[1]
@@ -134,7 +134,7 @@ def _by_hand(corpus, run_dir):
     for rank in range(2):
         env = {
             **os.environ,
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+            "XLA_FLAGS": with_cpu_devices(os.environ.get("XLA_FLAGS", ""), 2),
             "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
             "JAX_NUM_PROCESSES": "2",
             "JAX_PROCESS_ID": str(rank),
@@ -172,3 +172,16 @@ def test_a_lost_peer_is_one_line_within_seconds(corpus, tmp_path, case):
     assert lines == [peers.MESSAGE], err[-3000:]
     # Seconds on an idle machine (0 s for a death, the heartbeat timeout for a hang).
     assert elapsed < 60, elapsed
+
+
+def test_launch_keeps_the_users_xla_flags():
+    """Each process gets its CPU device count; every other XLA flag the user set passes through."""
+    from gptjax.launch import with_cpu_devices
+
+    flags = "--xla_backend_optimization_level=0 --xla_force_host_platform_device_count=8 --xla_dump_to=/d"
+    assert with_cpu_devices(flags, 2).split() == [
+        "--xla_backend_optimization_level=0",
+        "--xla_dump_to=/d",
+        "--xla_force_host_platform_device_count=2",
+    ]
+    assert with_cpu_devices("", 4) == "--xla_force_host_platform_device_count=4"

@@ -18,7 +18,7 @@ from gptjax.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 # Small enough for a 2-core CPU; the model and data shapes are still the README's.
-_QUICK = ["train.steps=30", "train.eval_max_batches=2", "sample.max_new_tokens=16"]
+_QUICK = ["train.steps=4", "train.eval_max_batches=2", "sample.max_new_tokens=16"]
 _TINY_GPT2 = [  # the shape of the tiny Hugging Face model the test writes as ./gpt2-hf-dir
     "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=64",
     "train.steps=2", "train.batch_size=8", "train.eval_max_batches=1", "sample.num_samples=0",

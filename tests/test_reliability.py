@@ -25,6 +25,7 @@ from gptjax.cli import main
 from gptjax.config import OptimConfig, load_config
 from gptjax.data import prepare
 from gptjax.errors import GptjaxError
+from gptjax.launch import with_cpu_devices
 
 train_lib = importlib.import_module("gptjax.train")
 REPO = Path(__file__).resolve().parents[1]
@@ -221,7 +222,7 @@ def _driver_env(tmp_path):
         **os.environ,
         "PYTHONPATH": str(REPO),
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        "XLA_FLAGS": with_cpu_devices(os.environ.get("XLA_FLAGS", ""), 1),
         "PYTHONUNBUFFERED": "1",
     }
 

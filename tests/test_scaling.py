@@ -28,6 +28,7 @@ from gptjax.config import (
     param_counts,
 )
 from gptjax.errors import GptjaxError
+from gptjax.launch import with_cpu_devices
 
 train_lib = importlib.import_module("gptjax.train")
 REPO = Path(__file__).resolve().parents[1]
@@ -464,7 +465,7 @@ def test_submit_dry_run_writes_a_requeueing_script_and_bad_options_are_one_line(
 @pytest.mark.slow
 def test_local_workers_train_each_run_in_its_own_process(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("GPTJAX_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("XLA_FLAGS")  # one device per worker
+    monkeypatch.setenv("XLA_FLAGS", with_cpu_devices(os.environ["XLA_FLAGS"], 1))  # one device per worker
     config_file = tmp_path / "sweep_killed.py"
     config_file.write_text(textwrap.dedent(_SWEEP_FILE).replace("256 * 60", "256 * 20"))
     sweep_dir = tmp_path / "sweep"

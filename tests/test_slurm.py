@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from gptjax import cli, scaling
+from gptjax.launch import with_cpu_devices
 from gptjax.scaling import claims
 
 pytestmark = pytest.mark.beside  # a live cluster: the tests mostly wait on its scheduler
@@ -135,7 +136,7 @@ def _queue_empty() -> bool:
 def job_env(slurm, tmp_path, monkeypatch):
     """What jobs inherit: one CPU device per process (not the suite's 8 fake devices), a
     private store cache, and a working directory in tmp_path."""
-    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", with_cpu_devices(os.environ.get("XLA_FLAGS", ""), 1))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("GPTJAX_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
