@@ -17,15 +17,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-# XLA:CPU's LLVM optimisation passes are most of a nano model's compile time, and compiles are
-# most of what the suite's short runs spend: at backend optimisation level 0 the same tests
-# take ~25 % less CPU time (measured). Subprocesses inherit it through XLA_FLAGS; tests that
-# change the device count keep it (gptjax.launch.with_cpu_devices).
-_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
-if "--xla_backend_optimization_level" not in _XLA_FLAGS:
-    _XLA_FLAGS = f"{_XLA_FLAGS} --xla_backend_optimization_level=0".strip()
+_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")  # the caller's
 DEVICES = int(os.environ.get("GPTJAX_TEST_DEVICES", "1"))
-os.environ["XLA_FLAGS"] = f"{_XLA_FLAGS} --xla_force_host_platform_device_count={DEVICES}"
+# XLA:CPU's LLVM passes are most of a nano model's compile time, and compiles are most of
+# what the suite's short one-device runs spend: at backend optimisation level 0 they take
+# ~25 % less CPU time (measured). The 8-device tests keep the default level: they compare
+# numbers across meshes, and a run resumed onto a smaller mesh that is bitwise the
+# uninterrupted one at the default level differs by 1.4e-6 at level 0 (measured).
+# Subprocesses inherit XLA_FLAGS; tests that change the device count keep the rest
+# (gptjax.launch.with_cpu_devices).
+_flags = _XLA_FLAGS
+if DEVICES == 1 and "--xla_backend_optimization_level" not in _flags:
+    _flags += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count={DEVICES}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="gptjax-test-jax-cache-")
@@ -77,61 +81,65 @@ def corpus(tmp_path, monkeypatch) -> Path:
 
 
 # --------------------------------------------------------------------------------------
-# Tests run in their own pytest processes, started once the tests are collected, beside
-# this session: ``multidevice`` on 8 devices, ``beside`` (tests that mostly wait on other
-# processes: a SLURM scheduler, killed and restarted trainings) on one. Each report is
-# printed at the end, and a failure there fails this run.
+# Groups of tests that run in pytest processes of their own, started with the session and
+# running beside it: ``multidevice`` on 8 devices, ``beside`` (tests that mostly wait on
+# other processes: a SLURM scheduler, killed and restarted trainings) on one, a worker per
+# file. Each group process collects with the session's own arguments and keeps only its
+# marker's tests; the session (its xdist workers) leaves them out. Each group's report is
+# printed at the end, and a failure there fails the run.
 
-_GROUPS = {  # marker -> what its process's environment changes
-    "multidevice": {"GPTJAX_TEST_DEVICES": "8", "XLA_FLAGS": _XLA_FLAGS},
-    "beside": {"GPTJAX_TEST_GROUP": "beside"},
+_GROUPS = {  # marker -> (what its process's environment changes, extra pytest arguments)
+    "multidevice": ({"GPTJAX_TEST_DEVICES": "8", "XLA_FLAGS": _XLA_FLAGS}, ["-n", "0"]),
+    "beside": ({}, ["-n", "2", "--dist", "loadfile"]),
 }
+_GROUP = os.environ.get("GPTJAX_TEST_GROUP", "")  # set in a group's process (and its workers)
+# A run started with GPTJAX_TEST_DEVICES=8 runs everything itself, on 8 devices.
+_STARTS_GROUPS = not _GROUP and "GPTJAX_TEST_DEVICES" not in os.environ
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "multidevice: needs 8 (fake CPU) devices; run in a subprocess")
-    config.addinivalue_line("markers", "beside: mostly waits on other processes; run in a subprocess")
+    config.addinivalue_line("markers", "multidevice: needs 8 (fake CPU) devices; run in a group process")
+    config.addinivalue_line("markers", "beside: mostly waits on other processes; run in a group process")
+
+
+def _group_of(item) -> str:
+    return next((marker for marker in _GROUPS if item.get_closest_marker(marker)), "")
 
 
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection
 def pytest_collection_modifyitems(config, items):
-    if DEVICES >= 8 or os.environ.get("GPTJAX_TEST_GROUP"):
-        return  # this is one of the groups' processes
+    if not _STARTS_GROUPS and not _GROUP:
+        return
+    other = [item for item in items if _group_of(item) != _GROUP]
+    if other:
+        items[:] = [item for item in items if _group_of(item) == _GROUP]
+        config.hook.pytest_deselected(items=other)
+
+
+def pytest_sessionstart(session):
+    config = session.config
+    if not _STARTS_GROUPS or hasattr(config, "workerinput") or config.option.collectonly:
+        return  # a group's process, an xdist worker, or only listing tests
     started = []
-    for marker, env in _GROUPS.items():
-        marked = [item for item in items if item.get_closest_marker(marker)]
-        if not marked:
-            continue
-        items[:] = [item for item in items if not item.get_closest_marker(marker)]
-        config.hook.pytest_deselected(items=marked)
-        if config.option.collectonly:
-            continue
-        groups = [marked]
-        if marker == "beside":  # one process per file, so that their waits overlap
-            groups = [[i for i in marked if i.path == p] for p in dict.fromkeys(i.path for i in marked)]
-        started += [_start_group(config, marker, env, group) for group in groups]
+    for marker, (env, extra) in _GROUPS.items():
+        args = [*config.invocation_params.args, "-p", "no:cacheprovider", "-q", *extra]
+        log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115  (read and closed at session end)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pytest", *args],
+            env={**os.environ, **env, "GPTJAX_TEST_GROUP": marker},
+            cwd=config.invocation_params.dir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        started.append((marker, proc, log))
     config.stash[_GROUP_PROCS] = started
-
-
-def _start_group(config, marker: str, env: dict, group: list) -> tuple:
-    """A pytest process for ``group``, its output to a temporary file read at the end."""
-    args = ["-p", "no:cacheprovider", "-q", *(["-x"] if config.option.maxfail == 1 else [])]
-    log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115  (read and closed at session end)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest", *args, *(item.nodeid for item in group)],
-        env={**os.environ, **env},
-        cwd=config.rootpath,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    return marker, len(group), proc, log
 
 
 def pytest_sessionfinish(session, exitstatus):
     groups = session.config.stash.get(_GROUP_PROCS, [])
     if groups and exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
         session.exitstatus = exitstatus = pytest.ExitCode.OK  # every test was in a group
-    for marker, count, proc, log in groups:
+    for marker, proc, log in groups:
         if exitstatus not in (0, 1):  # interrupted or an internal error: stop the others too
             proc.terminate()
             proc.wait()
@@ -139,12 +147,13 @@ def pytest_sessionfinish(session, exitstatus):
             continue
         rc = proc.wait()
         log.seek(0)
-        where = "on 8 devices" if marker == "multidevice" else "on one device"
-        print(f"\n--- {count} {marker} test(s), run beside these {where} in a subprocess ---")
-        print(log.read(), end="", flush=True)
+        if rc != pytest.ExitCode.NO_TESTS_COLLECTED:  # none of the selected tests is in it
+            where = "on 8 devices" if marker == "multidevice" else "on one device"
+            print(f"\n--- the {marker} tests, run beside these {where} in a process of their own ---")
+            print(log.read(), end="", flush=True)
+            if rc != 0:
+                session.exitstatus = rc
         log.close()
-        if rc != 0:
-            session.exitstatus = rc
 
 
 _GROUP_PROCS = pytest.StashKey[list]()

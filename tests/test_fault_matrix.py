@@ -27,7 +27,7 @@ from gptjax.errors import GptjaxError
 train_lib = importlib.import_module("gptjax.train")
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = REPO / "tests" / "fault_driver.py"
-pytestmark = [pytest.mark.slow, pytest.mark.multidevice]  # its reference run is in-process, on 8 devices
+pytestmark = pytest.mark.slow
 
 STEPS = 6
 OVERRIDES = [
@@ -61,7 +61,7 @@ def world(tmp_path_factory):
         "PYTHONUNBUFFERED": "1",
         "GPTJAX_CACHE_DIR": str(tmp / "cache"),
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": os.environ["XLA_FLAGS"],  # 8 devices, as in-process (conftest)
+        "XLA_FLAGS": os.environ["XLA_FLAGS"],  # one device, as in-process (conftest)
         "JAX_COMPILATION_CACHE_DIR": str(tmp / "jax-cache"),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
