@@ -2,13 +2,14 @@
 compilation cache, and the offline assets. All set before jax is imported.
 
 Nano models train faster on one device than on 8 fake devices sharing the cores, so the
-suite runs on one; tests marked ``multidevice`` (sharding, meshes, multi-host) run in a
-second pytest process with 8 devices (``GPTJAX_TEST_DEVICES``), and tests marked
-``beside`` (SLURM, kill-and-restart) in one process per file, all started as soon as the
-tests are collected so that they run beside this one (most tests here leave a core idle
-while they compile or wait on a subprocess); their reports are printed at the end.
-Every process of the suite, subprocesses included, shares one compilation cache directory
-(per run unless ``JAX_COMPILATION_CACHE_DIR`` is set), so a step compiled once is loaded after.
+suite runs on one, on two xdist workers (``addopts`` in pyproject.toml); tests marked
+``multidevice`` (sharding, meshes, multi-host) run in a pytest process of their own with 8
+devices (``GPTJAX_TEST_DEVICES``), and tests marked ``beside`` (SLURM, kill-and-restart) in
+another, a worker per file; both start with the session and run beside it (most tests
+leave a core idle while they compile or wait on a subprocess). Their reports are printed at
+the end. Every process of the suite, subprocesses included, shares one compilation cache
+directory (per run unless ``JAX_COMPILATION_CACHE_DIR`` is set), so a step compiled once is
+loaded after.
 """
 
 import os
@@ -89,7 +90,7 @@ def corpus(tmp_path, monkeypatch) -> Path:
 # printed at the end, and a failure there fails the run.
 
 _GROUPS = {  # marker -> (what its process's environment changes, extra pytest arguments)
-    "multidevice": ({"GPTJAX_TEST_DEVICES": "8", "XLA_FLAGS": _XLA_FLAGS}, ["-n", "0"]),
+    "multidevice": ({"GPTJAX_TEST_DEVICES": "8", "XLA_FLAGS": _XLA_FLAGS}, ["-n", "2", "--dist", "loadfile"]),
     "beside": ({}, ["-n", "2", "--dist", "loadfile"]),
 }
 _GROUP = os.environ.get("GPTJAX_TEST_GROUP", "")  # set in a group's process (and its workers)

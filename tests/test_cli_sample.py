@@ -33,7 +33,7 @@ def run_dir(tmp_path_factory):
                 "train.eval_max_batches=1",
                 "train.checkpoint_every=0",
                 "optim.warmup_steps=2",
-                "sample.max_new_tokens=4",
+                "sample.num_samples=0",  # the tests sample from the run themselves
                 "--run-dir",
                 str(root / "run"),
             ]

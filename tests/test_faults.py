@@ -34,7 +34,7 @@ def _config(corpus, run_dir, *overrides):
             "train.eval_max_batches=1",
             "train.checkpoint_every=2",
             "optim.warmup_steps=1",
-            "sample.max_new_tokens=2",
+            "sample.num_samples=0",  # no test here reads samples
             *overrides,
         ],
     )

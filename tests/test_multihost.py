@@ -40,7 +40,7 @@ def _overrides(corpus, *extra):
         "train.eval_max_batches=2",
         "train.checkpoint_every=0",
         "optim.warmup_steps=2",
-        "sample.max_new_tokens=4",
+        "sample.num_samples=0",  # multi-process sampling: the README's launch command (test_readme)
         *extra,
     ]
 

@@ -128,7 +128,7 @@ def _base(**train) -> Config:
         train=TrainConfig(
             batch_size=8, log_every=10, eval_every=0, eval_max_batches=8, checkpoint_every=0, **train
         ),
-        sample=SampleConfig(num_samples=1, max_new_tokens=4),
+        sample=SampleConfig(num_samples=0),
     )
 
 
@@ -190,7 +190,7 @@ def get_sweep():
         optim=OptimConfig(warmup_steps=2),
         train=TrainConfig(batch_size=8, log_every=5, eval_every=0, eval_max_batches=2,
                           checkpoint_every=10),
-        sample=SampleConfig(num_samples=1, max_new_tokens=2),
+        sample=SampleConfig(num_samples=0),
     )
     return Sweep(name="killed", base=base, axes={"size": [(1, 16, 2), (1, 32, 2), (2, 32, 2)],
                                                  "tokens": [256 * 60]})

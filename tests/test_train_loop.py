@@ -41,7 +41,7 @@ def _config(corpus, run_dir, *overrides):
             "train.eval_max_batches=2",
             "train.checkpoint_every=0",
             "optim.warmup_steps=2",
-            "sample.num_samples=1",
+            "sample.num_samples=0",  # samples only where a test reads them
             "sample.max_new_tokens=4",
             *overrides,
         ],
@@ -60,7 +60,9 @@ def _assert_trees_equal(a, b):
 
 def test_exact_resume_is_bitwise(corpus, tmp_path, capsys):
     # The straight run also prints samples at step 5: sampling must not perturb training.
-    straight = train_lib.train(_config(corpus, tmp_path / "straight", "train.sample_every=5"))
+    straight = train_lib.train(
+        _config(corpus, tmp_path / "straight", "sample.num_samples=1", "train.sample_every=5")
+    )
     assert capsys.readouterr().out.count("--- sample 0 ---") == 2  # step 5 and the end
     first = train_lib.train(_config(corpus, tmp_path / "resumed"), stop_at=5)
     assert first.interrupted and first.step == 5
