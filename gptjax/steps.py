@@ -52,6 +52,9 @@ class Task(NamedTuple):
         tokens_per_step: Tokens in one global batch (throughput, MFU).
         meta: Saved with each checkpoint besides the config (``tokenizer``, task records).
         tokenizer: For samples (language modelling) and the run's record.
+        setup_key: Hashable, or None: tasks with equal keys have the same loss, head and
+            optimizer for equal model and optimizer configs, so the trainer reuses the
+            jitted steps it built for one in the next (no retrace, no recompile).
     """
 
     loss: Callable
@@ -66,6 +69,7 @@ class Task(NamedTuple):
     tokens_per_step: int = 0
     meta: dict | None = None
     tokenizer: Any = None
+    setup_key: Any = None
 
 
 def lm_loss(model: GPT, head, tokens: jax.Array, dropout_key=None):

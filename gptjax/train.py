@@ -61,6 +61,7 @@ def language_model(config: Config, dataset: data_lib.Dataset | None = None) -> T
         initialise=(lambda state, setup: resume.init_from(config, setup, state))
         if config.train.init_from
         else None,
+        setup_key="language model",  # loss, head and optimizer follow from the config
     )
     if dataset is None:
         return task
@@ -101,13 +102,34 @@ class Setup(NamedTuple):
     eval_step: Any  # jitted
 
 
+_SETUPS: dict[Any, Setup] = {}  # the last few setups of tasks with a setup_key
+_SETUPS_KEPT = 4
+
+
 def build(config: Config, mesh: jax.sharding.Mesh | None = None, task: Task | None = None) -> Setup:
     """Mesh, shardings, the jitted init/train/eval functions; no arrays are allocated.
 
     ``task`` gives the loss, the head and the optimizer (default: language modelling).
+    A task with a ``setup_key`` gets the setup built last time for the same key, model,
+    optimizer, steps, seed and mesh: its functions are already traced and compiled.
     """
     task = task or language_model(config)
     mesh = mesh or sharding.make_mesh(config.mesh)
+    _check_divisible(config, mesh)
+    key = task.setup_key
+    if key is not None:
+        key = (key, config.model, config.optim, config.train.steps, config.train.seed, mesh)
+        if key in _SETUPS:
+            return _SETUPS[key]
+    setup = _build(config, mesh, task)
+    if key is not None:
+        _SETUPS[key] = setup
+        while len(_SETUPS) > _SETUPS_KEPT:
+            del _SETUPS[next(iter(_SETUPS))]
+    return setup
+
+
+def _check_divisible(config: Config, mesh: jax.sharding.Mesh) -> None:
     dp = sharding.data_parallel_size(mesh)
     micro = config.train.batch_size // config.optim.accum_steps
     if micro % dp:
@@ -121,6 +143,9 @@ def build(config: Config, mesh: jax.sharding.Mesh | None = None, task: Task | No
         raise GptjaxError(
             f"model.n_head ({config.model.n_head}) must be divisible by mesh.tensor ({mesh.shape['tensor']})"
         )
+
+
+def _build(config: Config, mesh: jax.sharding.Mesh, task: Task) -> Setup:
     root = jax.random.key(config.train.seed)
     init_key, _, train_key = jax.random.split(root, 3)
     head_key = jax.random.fold_in(init_key, 1)

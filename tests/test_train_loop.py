@@ -75,6 +75,13 @@ def test_exact_resume_is_bitwise(corpus, tmp_path, capsys):
     assert len(_losses(tmp_path / "resumed")) == 10
 
 
+def test_a_second_run_of_the_same_shapes_reuses_the_jitted_steps(corpus, tmp_path):
+    first = train_lib.build(_config(corpus, tmp_path / "a"))
+    assert train_lib.build(_config(corpus, tmp_path / "b")) is first  # another run, same shapes
+    other = train_lib.build(_config(corpus, tmp_path / "a", "optim.lr=1e-3"))
+    assert other is not first and other.train_step is not first.train_step
+
+
 @pytest.mark.multidevice
 def test_resume_onto_a_different_mesh(corpus, tmp_path):
     eight = sharding.make_mesh(MeshConfig(data=4, fsdp=2))
