@@ -20,15 +20,18 @@ from pathlib import Path
 
 _XLA_FLAGS = os.environ.get("XLA_FLAGS", "")  # the caller's
 DEVICES = int(os.environ.get("GPTJAX_TEST_DEVICES", "1"))
+_GROUP = os.environ.get("GPTJAX_TEST_GROUP", "")  # set in a group's process (and its workers)
 # XLA:CPU's LLVM passes are most of a nano model's compile time, and compiles are most of
-# what the suite's short one-device runs spend: at backend optimisation level 0 they take
-# ~25 % less CPU time (measured). The 8-device tests keep the default level: they compare
-# numbers across meshes, and a run resumed onto a smaller mesh that is bitwise the
-# uninterrupted one at the default level differs by 1.4e-6 at level 0 (measured).
-# Subprocesses inherit XLA_FLAGS; tests that change the device count keep the rest
-# (gptjax.launch.with_cpu_devices).
+# what the suite's short runs spend: at backend optimisation level 0 they take ~25 % less
+# CPU time (measured). Tests marked ``default_xla`` keep the default level: a run resumed
+# onto a smaller mesh is bitwise the uninterrupted one there, and differs by 1.4e-6 at
+# level 0 (measured). Subprocesses inherit XLA_FLAGS; tests that change the device count
+# keep the rest (gptjax.launch.with_cpu_devices).
+# A run started with GPTJAX_TEST_DEVICES=8 runs every selected test itself, on 8 devices at
+# the default level.
+_DIRECT = "GPTJAX_TEST_DEVICES" in os.environ and not _GROUP
 _flags = _XLA_FLAGS
-if DEVICES == 1 and "--xla_backend_optimization_level" not in _flags:
+if not _DIRECT and _GROUP != "default_xla" and "--xla_backend_optimization_level" not in _flags:
     _flags += " --xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count={DEVICES}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -83,24 +86,26 @@ def corpus(tmp_path, monkeypatch) -> Path:
 
 # --------------------------------------------------------------------------------------
 # Groups of tests that run in pytest processes of their own, started with the session and
-# running beside it: ``multidevice`` on 8 devices, ``beside`` (tests that mostly wait on
-# other processes: a SLURM scheduler, killed and restarted trainings) on one, a worker per
-# file. Each group process collects with the session's own arguments and keeps only its
-# marker's tests; the session (its xdist workers) leaves them out. Each group's report is
-# printed at the end, and a failure there fails the run.
+# running beside it: ``multidevice`` on 8 devices, ``default_xla`` on 8 at XLA's default
+# optimisation level, ``beside`` (tests that mostly wait on other processes: a SLURM
+# scheduler, killed and restarted trainings) on one, a worker per file. Each group process
+# collects with the session's own arguments and keeps only its marker's tests; the session
+# (its xdist workers) leaves them out. Each group's report is printed at the end, and a
+# failure there fails the run.
 
+_EIGHT = {"GPTJAX_TEST_DEVICES": "8", "XLA_FLAGS": _XLA_FLAGS}
 _GROUPS = {  # marker -> (what its process's environment changes, extra pytest arguments)
-    "multidevice": ({"GPTJAX_TEST_DEVICES": "8", "XLA_FLAGS": _XLA_FLAGS}, ["-n", "2", "--dist", "loadfile"]),
+    "default_xla": (_EIGHT, ["-n", "0"]),  # before multidevice: its tests are both
+    "multidevice": (_EIGHT, ["-n", "2", "--dist", "loadfile"]),
     "beside": ({}, ["-n", "2", "--dist", "loadfile"]),
 }
-_GROUP = os.environ.get("GPTJAX_TEST_GROUP", "")  # set in a group's process (and its workers)
-# A run started with GPTJAX_TEST_DEVICES=8 runs everything itself, on 8 devices.
-_STARTS_GROUPS = not _GROUP and "GPTJAX_TEST_DEVICES" not in os.environ
+_STARTS_GROUPS = not _GROUP and not _DIRECT
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "multidevice: needs 8 (fake CPU) devices; run in a group process")
     config.addinivalue_line("markers", "beside: mostly waits on other processes; run in a group process")
+    config.addinivalue_line("markers", "default_xla: 8 devices, XLA's default optimisation level, in a group")
 
 
 def _group_of(item) -> str:
@@ -149,7 +154,7 @@ def pytest_sessionfinish(session, exitstatus):
         rc = proc.wait()
         log.seek(0)
         if rc != pytest.ExitCode.NO_TESTS_COLLECTED:  # none of the selected tests is in it
-            where = "on 8 devices" if marker == "multidevice" else "on one device"
+            where = "on one device" if marker == "beside" else "on 8 devices"
             print(f"\n--- the {marker} tests, run beside these {where} in a process of their own ---")
             print(log.read(), end="", flush=True)
             if rc != 0:
