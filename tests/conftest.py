@@ -13,6 +13,7 @@ loaded after.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,10 +36,14 @@ if not _DIRECT and _GROUP != "default_xla" and "--xla_backend_optimization_level
     _flags += " --xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count={DEVICES}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="gptjax-test-jax-cache-")
-# Artifacts that tests build once and reuse, in this process and in the multidevice one.
-os.environ.setdefault("GPTJAX_TEST_SHARED_DIR", tempfile.mkdtemp(prefix="gptjax-test-shared-"))
+_MADE: list[str] = []  # the run's temporary directories this process made: removed at its end
+for _name, _prefix in [
+    ("JAX_COMPILATION_CACHE_DIR", "gptjax-test-jax-cache-"),
+    ("GPTJAX_TEST_SHARED_DIR", "gptjax-test-shared-"),  # artifacts built once per run
+]:
+    if _name not in os.environ:  # workers and group processes inherit the session's
+        os.environ[_name] = tempfile.mkdtemp(prefix=_prefix)
+        _MADE.append(os.environ[_name])
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
@@ -163,3 +168,8 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 _GROUP_PROCS = pytest.StashKey[list]()
+
+
+def pytest_unconfigure(config):
+    for directory in _MADE:  # after the workers and groups, which use them, have ended
+        shutil.rmtree(directory, ignore_errors=True)
