@@ -119,8 +119,8 @@ def _group_of(item) -> str:
 
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection
 def pytest_collection_modifyitems(config, items):
-    if not _STARTS_GROUPS and not _GROUP:
-        return
+    if _DIRECT:
+        return  # everything selected runs here
     other = [item for item in items if _group_of(item) != _GROUP]
     if other:
         items[:] = [item for item in items if _group_of(item) == _GROUP]

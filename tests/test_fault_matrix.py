@@ -61,7 +61,6 @@ def world(tmp_path_factory):
         "PYTHONUNBUFFERED": "1",
         "GPTJAX_CACHE_DIR": str(tmp / "cache"),
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": os.environ["XLA_FLAGS"],  # one device, as in-process (conftest)
         "JAX_COMPILATION_CACHE_DIR": str(tmp / "jax-cache"),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
