@@ -22,18 +22,23 @@ from pathlib import Path
 _XLA_FLAGS = os.environ.get("XLA_FLAGS", "")  # the caller's
 DEVICES = int(os.environ.get("GPTJAX_TEST_DEVICES", "1"))
 _GROUP = os.environ.get("GPTJAX_TEST_GROUP", "")  # set in a group's process (and its workers)
-# XLA:CPU's LLVM passes are most of a nano model's compile time, and compiles are most of
-# what the suite's short runs spend: at backend optimisation level 0 they take ~25 % less
-# CPU time (measured). Tests marked ``default_xla`` keep the default level: a run resumed
-# onto a smaller mesh is bitwise the uninterrupted one there, and differs by 1.4e-6 at
+# Compiles are most of what the suite's short runs spend, so it compiles for speed of
+# compiling: XLA:CPU at backend optimisation level 0 (LLVM's passes are most of a nano
+# model's compile) and without the MLIR fusion emitters (each fusion is its own MLIR ->
+# LLVM pipeline): a 20-step nano run, 10.8 -> 6.5 CPU-s, its compiles 4.9 -> 1.4 s
+# (measured). The code runs slower (a 60-step 4-layer run: 31 CPU-s at the default, 49
+# with both), so tests marked ``default_xla`` keep XLA's defaults: long runs, and a run
+# resumed onto a smaller mesh, bitwise the uninterrupted one there and 1.4e-6 apart at
 # level 0 (measured). Subprocesses inherit XLA_FLAGS; tests that change the device count
 # keep the rest (gptjax.launch.with_cpu_devices).
 # A run started with GPTJAX_TEST_DEVICES=8 runs every selected test itself, on 8 devices at
-# the default level.
+# XLA's defaults.
 _DIRECT = "GPTJAX_TEST_DEVICES" in os.environ and not _GROUP
 _flags = _XLA_FLAGS
-if not _DIRECT and _GROUP != "default_xla" and "--xla_backend_optimization_level" not in _flags:
-    _flags += " --xla_backend_optimization_level=0"
+if not _DIRECT and _GROUP != "default_xla":
+    for _flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"):
+        if _flag.split("=")[0] not in _flags:  # the caller's own setting wins
+            _flags += f" {_flag}"
 os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count={DEVICES}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _MADE: list[str] = []  # the run's temporary directories this process made: removed at its end
@@ -91,8 +96,8 @@ def corpus(tmp_path, monkeypatch) -> Path:
 
 # --------------------------------------------------------------------------------------
 # Groups of tests that run in pytest processes of their own, started with the session and
-# running beside it: ``multidevice`` on 8 devices, ``default_xla`` on 8 at XLA's default
-# optimisation level, ``beside`` (tests that mostly wait on other processes: a SLURM
+# running beside it: ``multidevice`` on 8 devices, ``default_xla`` on 8 with XLA's default
+# compile settings, ``beside`` (tests that mostly wait on other processes: a SLURM
 # scheduler, killed and restarted trainings) on one, a worker per file. Each group process
 # collects with the session's own arguments and keeps only its marker's tests; the session
 # (its xdist workers) leaves them out. Each group's report is printed at the end, and a
@@ -110,7 +115,7 @@ _STARTS_GROUPS = not _GROUP and not _DIRECT
 def pytest_configure(config):
     config.addinivalue_line("markers", "multidevice: needs 8 (fake CPU) devices; run in a group process")
     config.addinivalue_line("markers", "beside: mostly waits on other processes; run in a group process")
-    config.addinivalue_line("markers", "default_xla: 8 devices, XLA's default optimisation level, in a group")
+    config.addinivalue_line("markers", "default_xla: 8 devices, XLA's default compile settings, in a group")
 
 
 def _group_of(item) -> str:

@@ -156,6 +156,7 @@ def test_sigterm_saves_and_exits_zero(corpus, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.default_xla  # 60 steps of a 4-layer model: compiled-code speed outweighs compile time
 def test_short_stdlib_run_lowers_validation_loss(tmp_path, monkeypatch):
     monkeypatch.setenv("GPTJAX_CACHE_DIR", str(tmp_path / "cache"))
     config = load_config(
@@ -169,14 +170,15 @@ def test_short_stdlib_run_lowers_validation_loss(tmp_path, monkeypatch):
             "sample.num_samples=0",
         ],
     )
-    setup = train_lib.build(config)
+    one = sharding.make_mesh(MeshConfig(), jax.devices()[:1])  # its group has 8 devices
+    setup = train_lib.build(config, one)
     from gptjax import data as data_lib
 
     dataset = data_lib.load_dataset(
         config.data, seq_len=config.model.block_size, vocab_size=config.model.vocab_size
     )
     initial = train_lib.evaluate(setup, setup.init().params, dataset.val, config, None)["val_loss"]
-    result = train_lib.train(config)
+    result = train_lib.train(config, mesh=one)
     final = result.metrics["val_loss"]
     print(f"stdlib val loss: initial {initial:.3f} -> final {final:.3f} after 60 steps")
     assert initial > 5.0  # about ln(257) = 5.55 for an untrained byte model
