@@ -1,5 +1,7 @@
 """Hugging Face GPT-2 interop against transformers' PyTorch GPT2LMHeadModel (random weights, no downloads)."""
 
+import importlib
+import importlib.util
 import json
 import shutil
 
@@ -8,18 +10,35 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from safetensors.numpy import load_file, save_file
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-from safetensors import torch as safetensors_torch  # noqa: E402
-from safetensors.numpy import load_file, save_file  # noqa: E402
+from gptjax import cli, interop, runs
+from gptjax.config import ModelConfig, apply_overrides
+from gptjax.errors import GptjaxError
+from gptjax.model import GPT
+from gptjax.sample import SamplingParams, generate
+from gptjax.train import train
 
-from gptjax import cli, interop, runs  # noqa: E402
-from gptjax.config import ModelConfig, apply_overrides  # noqa: E402
-from gptjax.errors import GptjaxError  # noqa: E402
-from gptjax.model import GPT  # noqa: E402
-from gptjax.sample import SamplingParams, generate  # noqa: E402
-from gptjax.train import train  # noqa: E402
+
+class _OnFirstUse:
+    """A module imported when first used: every pytest process of the suite collects this
+    file, and torch with transformers take 1.5-2 CPU-s to import (measured)."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("_"):  # pytest's collection probes names like __test__
+            raise AttributeError(attr)
+        return getattr(importlib.import_module(self._name), attr)
+
+
+torch, transformers = _OnFirstUse("torch"), _OnFirstUse("transformers")
+safetensors_torch = _OnFirstUse("safetensors.torch")
+pytestmark = pytest.mark.skipif(
+    not (importlib.util.find_spec("torch") and importlib.util.find_spec("transformers")),
+    reason="the reference needs torch and transformers: pip install -e '.[test]'",
+)
 
 VOCAB = 50257  # GPT-2's, so that imported runs can record the gpt2 tokenizer
 TOL = 1e-4  # max abs logit difference, fp32 (Levanter's rule for complex modules)

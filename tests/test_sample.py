@@ -9,7 +9,6 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from scipy import special, stats
 
 from gptjax.config import MODEL_PRESETS
 from gptjax.errors import GptjaxError
@@ -60,6 +59,8 @@ def naive_greedy(model: GPT, prompt: list[int], n: int) -> list[int]:
 
 
 def last_probs(model: GPT, prompt: list[int]) -> np.ndarray:
+    from scipy import special  # here, not at collection: scipy takes ~0.5 CPU-s to import
+
     return special.softmax(full_forward(model, prompt)[-1].astype(np.float64))
 
 
@@ -127,6 +128,8 @@ def first_samples(params: SamplingParams, draws: int, prompt=(5, 17, 200)) -> np
 
 
 def test_temperature_one_matches_softmax_chi_square():
+    from scipy import stats
+
     draws = 6000
     probs = last_probs(make_model(), [5, 17, 200])
     counts = np.bincount(first_samples(SamplingParams(temperature=1.0), draws), minlength=probs.size)

@@ -15,7 +15,6 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from scipy.optimize import minimize_scalar
 
 from gptjax import cli, scaling
 from gptjax.config import (
@@ -99,6 +98,8 @@ def test_chinchilla_fit_recovers_exponents_and_compute_optimal_allocation():
     exact = {**t, "a": a, "b": 1 - a}
     truth = scaling.Fit("truth", exact, {k: np.array([v]) for k, v in exact.items()}, 0)
     budget = 1e22
+    from scipy.optimize import minimize_scalar  # here: scipy is slow to import at collection
+
     best = minimize_scalar(
         lambda logn: (
             t["A"] / math.exp(logn) ** t["alpha"] + t["B"] / (budget / 6 / math.exp(logn)) ** t["beta"]
