@@ -25,7 +25,7 @@ _GROUP = os.environ.get("GPTJAX_TEST_GROUP", "")  # set in a group's process (an
 # Compiles are most of what the suite's short runs spend, so it compiles for speed of
 # compiling: XLA:CPU at backend optimisation level 0 (LLVM's passes are most of a nano
 # model's compile) and without the MLIR fusion emitters (each fusion is its own MLIR ->
-# LLVM pipeline): a 20-step nano run, 10.8 -> 6.5 CPU-s, its compiles 4.9 -> 1.4 s
+# LLVM pipeline): a 20-step nano run, 9.6 -> 6.5 CPU-s, its compiles 4.1 -> 1.4 s
 # (measured). The code runs slower (a 60-step 4-layer run: 31 CPU-s at the default, 49
 # with both), so tests marked ``default_xla`` keep XLA's defaults: long runs, and a run
 # resumed onto a smaller mesh, bitwise the uninterrupted one there and 1.4e-6 apart at
