@@ -276,14 +276,14 @@ def test_time_limit_signal_saves_requeues_and_completes(job_env, capsys):
     """One training job (gptjax submit) with a two-minute limit and USR1 60 s before it:
     it saves, requeues itself, and the requeued job resumes and finishes. SLURM checks
     time limits every 30 s and signals at the check before the due time, so USR1 comes
-    30-60 s after the start: the run is long enough to be mid-training then (20,000 steps
-    of a one-layer model on the job's one core, 85 s on an idle machine, where USR1 came
-    at step 13,450). SLURM
+    30-60 s after the start: the run is long enough to be mid-training then (24,000 steps
+    of a one-layer model on the job's one core, 100 s on an idle machine; there USR1 came
+    at step 13,450, about a minute after the start, near its latest). SLURM
     holds a requeued job for two minutes before it may start: the test lifts that hold,
     and once a save happened gives the resumed job ten minutes (a USR1 that came before
     training started, on a loaded machine, requeues with nothing to save: that job keeps
     its limit)."""
-    config = _config_file(job_env / "long.py", steps=20000, log_every=5000)
+    config = _config_file(job_env / "long.py", steps=24000, log_every=6000)
     argv = ["submit", str(config), "train.run_dir=long", "--time", "2", "--signal-seconds", "60"]
     assert cli.main(argv) == 0
     job = capsys.readouterr().out.split()[3]
@@ -303,12 +303,12 @@ def test_time_limit_signal_saves_requeues_and_completes(job_env, capsys):
         time.sleep(1)
     assert _queue_empty(), "the job did not complete"
     assert released >= 1 and f"Restarts={released}" in _run(["scontrol", "show", "job", job])
-    assert json.loads((job_env / "long" / "result.json").read_text())["step"] == 20000
+    assert json.loads((job_env / "long" / "result.json").read_text())["step"] == 24000
     out = log.read_text()
     assert "stop requested; saved step" in out and "time limit near; saved, requeueing job" in out
     saved = int(out.split("stop requested; saved step ")[-1].split(",")[0])
-    assert 0 < saved < 20000 and f"from step {saved}" in out  # resumed where it saved
-    assert sorted(_train_losses(job_env / "long")) == list(range(5000, 20001, 5000))
+    assert 0 < saved < 24000 and f"from step {saved}" in out  # resumed where it saved
+    assert sorted(_train_losses(job_env / "long")) == list(range(6000, 24001, 6000))
 
 
 def test_two_task_srun_job_gives_the_one_process_losses(job_env, capsys):
