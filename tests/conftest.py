@@ -4,12 +4,13 @@ compilation cache, and the offline assets. All set before jax is imported.
 Nano models train faster on one device than on 8 fake devices sharing the cores, so the
 suite runs on one, on two xdist workers (``addopts`` in pyproject.toml); tests marked
 ``multidevice`` (sharding, meshes, multi-host) run in a pytest process of their own with 8
-devices (``GPTJAX_TEST_DEVICES``), and tests marked ``beside`` (SLURM, kill-and-restart) in
-another, a worker per file; both start with the session and run beside it (most tests
-leave a core idle while they compile or wait on a subprocess). Their reports are printed at
-the end. Every process of the suite, subprocesses included, shares one compilation cache
-directory (per run unless ``JAX_COMPILATION_CACHE_DIR`` is set), so a step compiled once is
-loaded after.
+devices (``GPTJAX_TEST_DEVICES``), tests marked ``default_xla`` in another with XLA's
+default compile settings, and tests marked ``beside`` (SLURM, kill-and-restart) in a third,
+a worker per file; all start with the session and run beside it (most tests leave a core
+idle while they compile or wait on a subprocess). Their reports are printed at the end.
+Every process of the suite, subprocesses included, shares one compilation cache directory
+(per run unless ``JAX_COMPILATION_CACHE_DIR`` is set), so a step compiled once is loaded
+after.
 """
 
 import os
@@ -19,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")  # the caller's
+_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")  # the caller's (in workers and groups: the session's)
 DEVICES = int(os.environ.get("GPTJAX_TEST_DEVICES", "1"))
 _GROUP = os.environ.get("GPTJAX_TEST_GROUP", "")  # set in a group's process (and its workers)
 # Compiles are most of what the suite's short runs spend, so it compiles for speed of
