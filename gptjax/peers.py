@@ -14,8 +14,11 @@ Two things here make that one line (:data:`MESSAGE`) and :data:`EXIT_PEER_LOST`:
   collective whose peer's connection broke (gloo's "Connection reset by peer") is the
   same one line;
 * :func:`heartbeat_timeout` lowers JAX's heartbeat timeout, the time in which the
-  coordinator notices a worker that died or stopped (SIGKILL, SIGSTOP, a lost host);
-  ``GPTJAX_HEARTBEAT_TIMEOUT`` (seconds) sets it where hosts pause longer than that.
+  coordinator notices a worker that died or stopped (SIGKILL, SIGSTOP, a lost host), to
+  30 s: short enough to free a hung job's hosts soon, long enough that a healthy run on a
+  busy or briefly paused host is not ended; ``GPTJAX_HEARTBEAT_TIMEOUT`` (seconds) sets it.
+  When the coordinator reports a process's heartbeats stopped, the line says so and names
+  the setting.
 
 The filter is installed only for multi-process runs and only without ``--debug``; it also
 drops Gloo's "connected to N peer ranks" lines from descriptor 1.
@@ -32,7 +35,7 @@ import threading
 
 from gptjax.errors import EXIT_PEER_LOST, GptjaxError
 
-HEARTBEAT_TIMEOUT_SECONDS = 10
+HEARTBEAT_TIMEOUT_SECONDS = 30
 MESSAGE = (
     "gptjax: error: another process of this multi-process run died or stopped responding, so this "
     "one stopped too; the checkpoints saved so far are intact: restart every process to resume"
@@ -43,6 +46,9 @@ MESSAGE = (
 _PEER_FAILURE = re.compile(
     r"^[EF]\d{4} [\d:.]+\s+\d+ (coordination_service\w*|client|preemption_sync_manager)\.(cc|h):\d+\]"
 )
+
+# What the coordinator's failure line says when a process's heartbeats stopped.
+_NO_HEARTBEAT = "stopped sending heartbeats"
 
 # Gloo's line on connecting (C++, on stdout), the only thing it prints in a healthy run.
 _GLOO_CONNECTED = re.compile(rb"^\[Gloo\] Rank \d+ is connected to \d+ peer ranks")
@@ -63,12 +69,24 @@ def heartbeat_timeout(env) -> int:
     return int(value)
 
 
-def peer_lost() -> None:
-    """Print :data:`MESSAGE` and end this process at once with :data:`EXIT_PEER_LOST`."""
+def peer_lost(cause: str = "") -> None:
+    """Print :data:`MESSAGE` (with ``cause`` when known) and exit at once with :data:`EXIT_PEER_LOST`."""
     with contextlib.suppress(OSError, ValueError):
         sys.stderr.flush()
-    os.write(_real_stderr if _real_stderr is not None else 2, (MESSAGE + "\n").encode())
+    line = f"{MESSAGE} ({cause})" if cause else MESSAGE
+    os.write(_real_stderr if _real_stderr is not None else 2, (line + "\n").encode())
     os._exit(EXIT_PEER_LOST)
+
+
+def no_heartbeat_cause(env) -> str:
+    """What :func:`peer_lost` adds when the coordinator lost a process's heartbeats.
+
+    It died, hung, or its host paused: a death is often noticed first this way too.
+    """
+    return (
+        f"a process stopped sending heartbeats (timeout {heartbeat_timeout(env)} s): if its host was "
+        "only busy or paused, set GPTJAX_HEARTBEAT_TIMEOUT to more seconds"
+    )
 
 
 def caused_by_lost_peer(error: BaseException) -> bool:
@@ -136,8 +154,9 @@ def _forward(read_end: int, out: int, on_line) -> None:
 
 
 def _stderr_line(line: bytes, out: int) -> None:
-    if _PEER_FAILURE.match(line.decode("utf-8", "replace")):
-        peer_lost()
+    text = line.decode("utf-8", "replace")
+    if _PEER_FAILURE.match(text):
+        peer_lost(no_heartbeat_cause(os.environ) if _NO_HEARTBEAT in text else "")
     os.write(out, line + b"\n")
 
 

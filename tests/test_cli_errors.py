@@ -320,11 +320,11 @@ def test_launch_errors_name_the_command(row, capsys):
     assert capsys.readouterr().err.startswith("gptjax launch: error: ")
 
 
-def test_heartbeat_timeout_is_ten_seconds_unless_set():
+def test_heartbeat_timeout_is_thirty_seconds_unless_set():
     from gptjax import peers
     from gptjax.errors import GptjaxError
 
-    assert peers.heartbeat_timeout({}) == 10
+    assert peers.heartbeat_timeout({}) == 30
     assert peers.heartbeat_timeout({"GPTJAX_HEARTBEAT_TIMEOUT": "120"}) == 120
     for bad in ("0", "-5", "1.5", "ten"):
         with pytest.raises(GptjaxError, match="GPTJAX_HEARTBEAT_TIMEOUT"):

@@ -127,6 +127,9 @@ def test_launcher_stops_everything_when_one_process_dies(corpus, tmp_path):
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
 
 
+_HEARTBEAT = 10  # seconds: the lost-peer tests' heartbeat timeout (a hang is noticed after it)
+
+
 def _by_hand(corpus, run_dir):
     """2 processes x 2 CPU devices started without the launcher (as on two hosts)."""
     port = _free_port()
@@ -138,6 +141,7 @@ def _by_hand(corpus, run_dir):
             "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
             "JAX_NUM_PROCESSES": "2",
             "JAX_PROCESS_ID": str(rank),
+            "GPTJAX_HEARTBEAT_TIMEOUT": str(_HEARTBEAT),
         }
         cmd = [sys.executable, "-m", "gptjax.cli", "train", "nano", *_overrides(corpus, "train.steps=100000")]
         procs.append(
@@ -169,7 +173,13 @@ def test_a_lost_peer_is_one_line_within_seconds(corpus, tmp_path, case):
             p.communicate()
     lines = [line for line in err.splitlines() if line.strip()]
     assert survivor.returncode == EXIT_PEER_LOST, err[-3000:]
-    assert lines == [peers.MESSAGE], err[-3000:]
+    cause = peers.no_heartbeat_cause({"GPTJAX_HEARTBEAT_TIMEOUT": str(_HEARTBEAT)})
+    assert f"timeout {_HEARTBEAT} s" in cause and "GPTJAX_HEARTBEAT_TIMEOUT" in cause
+    with_cause = [f"{peers.MESSAGE} ({cause})"]
+    if case.endswith("hangs"):  # only the heartbeats tell: the line says so, and what to set
+        assert lines == with_cause, err[-3000:]
+    else:  # a broken connection or (sometimes) the heartbeat check noticed first
+        assert lines in ([peers.MESSAGE], with_cause), err[-3000:]
     # Seconds on an idle machine (0 s for a death, the heartbeat timeout for a hang).
     assert elapsed < 60, elapsed
 
