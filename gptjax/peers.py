@@ -81,7 +81,7 @@ def peer_lost(cause: str = "") -> None:
 def no_heartbeat_cause(env) -> str:
     """What :func:`peer_lost` adds when the coordinator lost a process's heartbeats.
 
-    It died, hung, or its host paused: a death is often noticed first this way too.
+    It died, hung, or its host paused: a death is sometimes noticed first this way too.
     """
     return (
         f"a process stopped sending heartbeats (timeout {heartbeat_timeout(env)} s): if its host was "
