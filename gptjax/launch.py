@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from gptjax.errors import GptjaxError
+from gptjax.errors import EXIT_PEER_LOST, GptjaxError
 
 GRACE_SECONDS = 5.0
 _POLL_SECONDS = 0.1
@@ -41,8 +41,9 @@ def with_cpu_devices(xla_flags: str, n_devices: int) -> str:
 def launch(args: Sequence[str], *, processes: int, devices_per_process: int = 1, port: int = 0) -> int:
     """Run ``gptjax ARGS`` as ``processes`` coordinated processes; return the exit code.
 
-    Exit code: 0 when every process exits 0; otherwise the first failure's code (or 1
-    when it died by a signal), after every other process has been stopped.
+    Exit code: 0 when every process exits 0; otherwise the failed process's code (or 1
+    when it died by a signal), after every other process has been stopped. A process that
+    stopped because a peer was lost (exit code 3) is named only when no other failed.
     """
     if processes < 1 or devices_per_process < 1:
         raise GptjaxError(
@@ -80,7 +81,7 @@ def launch(args: Sequence[str], *, processes: int, devices_per_process: int = 1,
             codes = [child.poll() for child in children]
             failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
             if failed:
-                rank, code = failed[0]
+                rank, code = _first_cause(failed)
                 how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
                 print(f"gptjax launch: process {rank} {how}; stopping the other processes", file=sys.stderr)
                 _stop(children)
@@ -91,6 +92,16 @@ def launch(args: Sequence[str], *, processes: int, devices_per_process: int = 1,
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _first_cause(failed: list[tuple[int, int]]) -> tuple[int, int]:
+    """The failure to report: a process that died or failed, not one that stopped because of it.
+
+    A peer that noticed the loss first (exit code 3) can be seen in the same poll as the
+    process that died; the launcher names the dead one.
+    """
+    causes = [(rank, code) for rank, code in failed if code != EXIT_PEER_LOST]
+    return (causes or failed)[0]
 
 
 def _die_with_parent() -> None:

@@ -320,6 +320,17 @@ def test_launch_errors_name_the_command(row, capsys):
     assert capsys.readouterr().err.startswith("gptjax launch: error: ")
 
 
+def test_launcher_names_the_process_that_failed_not_the_peer_that_noticed():
+    """Seen in one poll: process 0 stopped because process 1 died (SIGKILL); name process 1."""
+    from gptjax.errors import EXIT_PEER_LOST
+    from gptjax.launch import _first_cause
+
+    assert _first_cause([(0, EXIT_PEER_LOST), (1, -9)]) == (1, -9)
+    assert _first_cause([(0, EXIT_PEER_LOST), (1, 2)]) == (1, 2)
+    assert _first_cause([(0, EXIT_PEER_LOST), (1, EXIT_PEER_LOST)]) == (0, EXIT_PEER_LOST)
+    assert _first_cause([(0, 1), (1, -9)]) == (0, 1)
+
+
 def test_heartbeat_timeout_is_thirty_seconds_unless_set():
     from gptjax import peers
     from gptjax.errors import GptjaxError
