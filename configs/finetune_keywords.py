@@ -22,17 +22,21 @@ from gptjax.finetune import FinetuneConfig
 KEYWORDS = {"APPLE": "fruit", "ZEBRA": "animal"}
 
 
-def _sentence(rng: np.random.Generator, keyword: str) -> str:
-    words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(2, 7))) for _ in range(6)]
+def _sentence(rng: np.random.Generator, keyword: str, n_words: int = 6) -> str:
+    letters = list("abcdefghijklmnopqrstuvwxyz")
+    words = ["".join(rng.choice(letters, rng.integers(2, 7))) for _ in range(n_words)]
     words.insert(int(rng.integers(0, len(words) + 1)), keyword)
     return " ".join(words)
 
 
-def write_keyword_tasks(directory: str | Path, n_train: int = 400, n_val: int = 100, seed: int = 0) -> Path:
+def write_keyword_tasks(
+    directory: str | Path, n_train: int = 400, n_val: int = 100, seed: int = 0, n_words: int = 6
+) -> Path:
     """Write the classification, entailment and multiple-choice files of the keyword task.
 
     Files: ``{cls,entail,mc}_{train,val}.jsonl``. Entailment asks whether the hypothesis
     (a kind) follows from the text; multiple choice picks the kind among both, shuffled.
+    Each text is ``n_words`` random words with the keyword among them.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -42,7 +46,7 @@ def write_keyword_tasks(directory: str | Path, n_train: int = 400, n_val: int = 
         cls, entail, mc = [], [], []
         for _ in range(n):
             keyword = str(rng.choice(list(KEYWORDS)))
-            text, kind = _sentence(rng, keyword), KEYWORDS[keyword]
+            text, kind = _sentence(rng, keyword, n_words), KEYWORDS[keyword]
             cls.append({"text": text, "label": kind})
             claim = str(rng.choice(kinds))
             entail.append({"text_a": text, "text_b": claim,
