@@ -42,17 +42,6 @@ if not _DIRECT and _GROUP != "default_xla":
             _flags += f" {_flag}"
 os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count={DEVICES}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The session's xdist workers run one core each (gw0 the first, gw1 the second; set before
-# jax is imported, inherited by their subprocesses). The suite keeps every core busy, and
-# a process that may use two spends CPU handing work between its threads: three one-device
-# test files alone, 169 -> 140 CPU-s on one core (wall 135 -> 143 s); a 60-step quickstart
-# run 78 -> 57 CPU-s (measured). The groups' processes are not pinned: the 8-device tests
-# on one core took 195 -> 207 CPU-s.
-_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
-if _WORKER.startswith("gw") and not _GROUP and hasattr(os, "sched_setaffinity"):
-    _cores = sorted(os.sched_getaffinity(0))
-    if len(_cores) > 1:
-        os.sched_setaffinity(0, {_cores[int(_WORKER[2:]) % len(_cores)]})
 _MADE: list[str] = []  # the run's temporary directories this process made: removed at its end
 for _name, _prefix in [
     ("JAX_COMPILATION_CACHE_DIR", "gptjax-test-jax-cache-"),
